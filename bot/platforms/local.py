@@ -1,0 +1,90 @@
+"""The ``local`` platform: requests from the CLI and the dashboard, replies written to an outbox.
+
+A reply is a folder ``<data dir>/outbox/<request id>/`` holding the images and ``reply.json``.
+``reply.json`` is written last (via a rename), so its presence means the reply is complete: that is
+what :meth:`LocalPlatform.find_delivery` checks after a crash mid-delivery.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from bot.intake import validate_prompt
+from bot.platforms.base import Delivery
+from storage.queue import Queue
+from storage.records import EnqueueResult, NewRequest, RequestRecord
+
+
+class LocalPlatform:
+    name = "local"
+
+    def __init__(self, outbox: Path) -> None:
+        self.outbox = Path(outbox)
+
+    # ---- intake -------------------------------------------------------------------------
+
+    def submit(
+        self,
+        queue: Queue,
+        prompt: str,
+        *,
+        user: str = "local-user",
+        user_name: str = "",
+        n_images: int = 4,
+        seed: int | None = None,
+        max_chars: int = 280,
+        external_id: str | None = None,
+        actor: str = "intake:local",
+    ) -> EnqueueResult:
+        normalised = validate_prompt(prompt, max_chars=max_chars)
+        return queue.enqueue(
+            NewRequest(
+                platform=self.name,
+                external_id=external_id or uuid.uuid4().hex,
+                author_id=user,
+                author_name=user_name or user,
+                prompt_raw=prompt,
+                prompt=normalised,
+                n_images=n_images,
+                seed=seed,
+            ),
+            actor=actor,
+        )
+
+    # ---- delivery -----------------------------------------------------------------------
+
+    def _dir(self, request: RequestRecord) -> Path:
+        return self.outbox / str(request.id)
+
+    def deliver(self, request: RequestRecord, images: list[Path]) -> Delivery:
+        folder = self._dir(request)
+        folder.mkdir(parents=True, exist_ok=True)
+        names = []
+        for i, src in enumerate(images):
+            dst = folder / f"{i}{Path(src).suffix or '.png'}"
+            shutil.copyfile(src, dst)
+            names.append(dst.name)
+        record = {
+            "request_id": request.id,
+            "external_id": request.external_id,
+            "user": request.user_ref,
+            "prompt": request.prompt_raw,
+            "seed": request.seed,
+            "images": names,
+            "reply_id": f"local-{request.id}",
+        }
+        tmp = folder / "reply.json.tmp"
+        tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False), encoding="utf-8")
+        os.replace(tmp, folder / "reply.json")
+        return Delivery(reply_id=record["reply_id"], reply_url=str(folder / "reply.json"))
+
+    def find_delivery(self, request: RequestRecord) -> Delivery | None:
+        path = self._dir(request) / "reply.json"
+        if not path.exists():
+            return None
+        record = json.loads(path.read_text(encoding="utf-8"))
+        return Delivery(reply_id=record["reply_id"], reply_url=str(path))

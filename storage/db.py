@@ -1,0 +1,173 @@
+"""Engines and schema management for SQLite and PostgreSQL.
+
+SQLite: WAL mode, a busy timeout, and every write transaction opened with ``BEGIN IMMEDIATE`` (so a
+transaction never has to upgrade a read lock, which fails at once with SQLITE_BUSY in WAL mode). Reads
+go through a second engine whose transactions are deferred, so they never wait for the write lock.
+PostgreSQL: one engine for both; claims use ``FOR UPDATE SKIP LOCKED``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import NoSuchModuleError
+
+from storage.errors import DatabaseUnavailable, SchemaOutOfDate, StorageError
+
+_log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+
+def safe_url(url: str) -> str:
+    """The URL with any password hidden, for messages and logs."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparseable database URL>"
+
+
+@dataclass
+class Database:
+    """The engines for one database: ``write`` for transactions that write, ``read`` for reads."""
+
+    url: str
+    write: Engine
+    read: Engine
+
+    @property
+    def dialect(self) -> str:
+        return self.write.dialect.name
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.dialect == "sqlite"
+
+    def dispose(self) -> None:
+        self.write.dispose()
+        if self.read is not self.write:
+            self.read.dispose()
+
+
+def _sqlite_engine(url: sa.URL, busy_timeout: float, immediate: bool) -> Engine:
+    if url.database and url.database != ":memory:":
+        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = sa.create_engine(url, connect_args={"timeout": busy_timeout, "check_same_thread": False})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+        # Let us issue BEGIN ourselves (the driver's implicit BEGIN is deferred and too late).
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):  # type: ignore[no-untyped-def]
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine
+
+
+def connect(url: str, *, busy_timeout: float = 10.0, pool_size: int = 5, check: bool = True) -> Database:
+    """Build the engines for ``url`` and, with ``check``, make sure the database answers."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise StorageError(
+            f"database URL {url!r} is not a SQLAlchemy URL (e.g. sqlite:///path.db or "
+            "postgresql+psycopg://user@host/dbname): fix [database] url or DALLEBOT_DATABASE_URL"
+        ) from None
+    try:
+        if parsed.get_backend_name() == "sqlite":
+            db = Database(url, _sqlite_engine(parsed, busy_timeout, True), _sqlite_engine(parsed, busy_timeout, False))
+        elif parsed.get_backend_name() == "postgresql":
+            if parsed.drivername == "postgresql":
+                parsed = parsed.set(drivername="postgresql+psycopg")
+            engine = sa.create_engine(parsed, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+            db = Database(url, engine, engine)
+        else:
+            raise StorageError(
+                f"database {safe_url(url)}: only SQLite and PostgreSQL are supported"
+            )
+    except NoSuchModuleError as exc:
+        raise StorageError(f"database {safe_url(url)}: no driver for it ({exc})") from None
+    if check:
+        try:
+            with db.read.connect() as conn:
+                conn.exec_driver_sql("SELECT 1")
+        except OperationalError as exc:
+            db.dispose()
+            first = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc).splitlines()[0]
+            raise DatabaseUnavailable(
+                f"cannot reach the database {safe_url(url)}: {first}. "
+                "Is the server running, and is [database] url / DALLEBOT_DATABASE_URL right?"
+            ) from None
+    return db
+
+
+# ---- schema ---------------------------------------------------------------------------------
+
+def alembic_config(db: Database):  # type: ignore[no-untyped-def]
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("sqlalchemy.url", db.url.replace("%", "%%"))
+    cfg.attributes["engine"] = db.write
+    return cfg
+
+
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    head = ScriptDirectory.from_config(cfg).get_current_head()
+    assert head is not None
+    return head
+
+
+def current_revision(db: Database) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    with db.read.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def upgrade(db: Database, revision: str = "head") -> None:
+    from alembic import command
+
+    command.upgrade(alembic_config(db), revision)
+
+
+def downgrade(db: Database, revision: str) -> None:
+    from alembic import command
+
+    command.downgrade(alembic_config(db), revision)
+
+
+def ensure_schema(db: Database, *, auto_upgrade: bool) -> None:
+    """Check that the schema is at the code's head revision; upgrade it if allowed."""
+    current, head = current_revision(db), head_revision()
+    if current == head:
+        return
+    if auto_upgrade:
+        _log.info("upgrading database schema %s -> %s", current or "(empty)", head)
+        upgrade(db)
+        return
+    raise SchemaOutOfDate(
+        f"the database {safe_url(db.url)} is at schema {current or '(empty)'}, the code needs {head}: "
+        "run `dallebot db upgrade`"
+    )

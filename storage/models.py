@@ -1,0 +1,154 @@
+"""SQLAlchemy 2 models: requests, users, the audit log (the queue log) and platform cursors.
+
+Times are naive UTC datetimes everywhere (SQLite has no time zones); :func:`utcnow` makes them.
+The Alembic migrations in ``migrations/`` must describe exactly these tables: a test compares them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# Autoincrementing 64-bit ids on PostgreSQL, INTEGER PRIMARY KEY (rowid) on SQLite.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Request(Base):
+    """One image request: a mention, an interaction, or a local prompt."""
+
+    __tablename__ = "requests"
+    __table_args__ = (
+        UniqueConstraint("platform", "external_id"),
+        # The claim walks this index in order; partial, so finished rows cost nothing.
+        Index(
+            "ix_requests_claim",
+            "priority",
+            "slot",
+            "id",
+            postgresql_where=text("status = 'queued'"),
+            sqlite_where=text("status = 'queued'"),
+        ),
+        Index("ix_requests_status_updated", "status", "updated_at"),
+        Index("ix_requests_author", "platform", "author_id", "created_at"),
+        Index("ix_requests_created", "created_at"),
+        Index("ix_requests_slot", "slot"),
+        Index(
+            "ix_requests_lease",
+            "lease_expires_at",
+            postgresql_where=text("status IN ('running', 'posting')"),
+            sqlite_where=text("status IN ('running', 'posting')"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    platform: Mapped[str] = mapped_column(String(16))
+    external_id: Mapped[str] = mapped_column(String(128))
+    channel_id: Mapped[str | None] = mapped_column(String(128))
+    guild_id: Mapped[str | None] = mapped_column(String(128))
+    author_id: Mapped[str] = mapped_column(String(128))
+    author_name: Mapped[str] = mapped_column(String(256), default="")
+    prompt_raw: Mapped[str] = mapped_column(Text)
+    prompt: Mapped[str] = mapped_column(Text)  # normalised
+    n_images: Mapped[int] = mapped_column(Integer, default=4)
+    seed: Mapped[int | None] = mapped_column(BigInteger)
+    options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    status: Mapped[str] = mapped_column(String(20))
+    priority: Mapped[int] = mapped_column(Integer, default=0)  # smaller is served first
+    slot: Mapped[int] = mapped_column(BigInteger, default=0)  # fair-share order (see storage.queue)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    run_at: Mapped[dt.datetime] = mapped_column(DateTime)  # not before (retry backoff)
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_token: Mapped[str | None] = mapped_column(String(64))
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    error: Mapped[str | None] = mapped_column(Text)
+    image_paths: Mapped[list[str]] = mapped_column(JSON, default=list)
+    nsfw_scores: Mapped[list[float]] = mapped_column(JSON, default=list)
+    reply_id: Mapped[str | None] = mapped_column(String(128))
+    reply_url: Mapped[str | None] = mapped_column(Text)
+    notify: Mapped[bool] = mapped_column(Boolean, default=True)  # a reply (or refusal) is owed
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+
+
+class User(Base):
+    """A requester on one platform: ban state, moderator notes, fair-share counter."""
+
+    __tablename__ = "users"
+    __table_args__ = (UniqueConstraint("platform", "platform_user_id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    platform: Mapped[str] = mapped_column(String(16))
+    platform_user_id: Mapped[str] = mapped_column(String(128))
+    name: Mapped[str] = mapped_column(String(256), default="")
+    banned: Mapped[bool] = mapped_column(Boolean, default=False)
+    ban_reason: Mapped[str | None] = mapped_column(Text)
+    notes: Mapped[str] = mapped_column(Text, default="")
+    next_slot: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime)
+
+
+class AuditEntry(Base):
+    """The queue log: every state change and moderator action, with actor, reason and time."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (
+        Index("ix_audit_log_request", "request_id", "id"),
+        Index("ix_audit_log_created", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    request_id: Mapped[int | None] = mapped_column(ForeignKey("requests.id", ondelete="CASCADE"))
+    user_ref: Mapped[str | None] = mapped_column(String(160))  # "platform:id" for user actions
+    actor: Mapped[str] = mapped_column(String(160))  # "worker:<id>", "moderator:<name>", "intake:x", ...
+    action: Mapped[str] = mapped_column(String(32))
+    from_status: Mapped[str | None] = mapped_column(String(20))
+    to_status: Mapped[str | None] = mapped_column(String(20))
+    reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime)
+
+
+class Cursor(Base):
+    """Per-platform progress markers, e.g. the last seen mention id on X."""
+
+    __tablename__ = "cursors"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime)

@@ -1,0 +1,709 @@
+"""The request queue on SQLite or PostgreSQL: intake, leased claims, fenced updates, moderation.
+
+Ordering and fairness
+    Requests are served by ``(priority, slot, id)``, smallest first. ``slot`` is a fair-share
+    counter: when a user enqueues, the request gets ``max(user.next_slot, virtual time)`` where the
+    virtual time is the smallest slot still queued. One user's 50 requests therefore take slots
+    s, s+1, ..., s+49, while another user's first request lands at the head of the line, right after
+    the request being served now: users are interleaved round-robin, at O(log n) per claim.
+
+Claims and leases
+    :meth:`Queue.claim` moves up to ``limit`` queued requests to ``running`` in one statement, with
+    a fresh lease token and an expiry (PostgreSQL: ``FOR UPDATE SKIP LOCKED`` in a materialised CTE;
+    SQLite: the same statement under ``BEGIN IMMEDIATE``). Every later update by the worker carries
+    ``WHERE id = :id AND status = :expected AND lease_token = :token``: a worker whose lease expired
+    and was reclaimed updates nothing and gets :class:`LeaseLost`. :meth:`Queue.reclaim_expired`
+    returns expired ``running`` requests to the queue with backoff (or ``dead`` when out of attempts).
+
+Delivery
+    :meth:`Queue.claim_deliveries` moves ``generated`` requests to ``posting`` (intent recorded before
+    the platform is called) and also re-claims ``posting`` requests whose lease expired; those are
+    flagged in :attr:`Claim.recovering` so the deliverer checks the platform before posting again.
+
+Every state change writes an audit row (the queue log) in the same transaction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import random
+import secrets
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import func, insert, select, tuple_, update
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import OperationalError, IntegrityError
+from sqlalchemy.exc import InterfaceError
+
+from storage import states
+from storage.db import Database, safe_url
+from storage.errors import DatabaseUnavailable, IllegalTransition, LeaseLost, NotFound
+from storage.models import AuditEntry, Cursor, Request, User, utcnow
+from storage.records import (
+    AuditRecord,
+    Claim,
+    EnqueueResult,
+    NewRequest,
+    RequestRecord,
+    UserRecord,
+    parse_user_ref,
+)
+from storage.states import Status
+
+R = Request.__table__
+U = User.__table__
+A = AuditEntry.__table__
+C = Cursor.__table__
+
+S = Status
+
+
+@dataclass(frozen=True, slots=True)
+class QueuePolicy:
+    lease_seconds: float = 300.0
+    max_attempts: int = 3
+    retry_base_seconds: float = 10.0
+    retry_max_seconds: float = 600.0
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> QueuePolicy:
+        return cls(cfg.lease_seconds, cfg.max_attempts, cfg.retry_base_seconds, cfg.retry_max_seconds)
+
+
+def backoff_seconds(attempt: int, base: float, cap: float, jitter: float) -> float:
+    """Exponential backoff for the ``attempt``-th failure (1-based), capped, plus ``jitter`` in [0, 1)
+    times 20%. Pure: the caller supplies the random number."""
+    delay = min(cap, base * (2 ** max(0, attempt - 1)))
+    return delay * (1.0 + 0.2 * jitter)
+
+
+def _greatest(dialect: str, a: Any, b: Any) -> Any:
+    return func.max(a, b) if dialect == "sqlite" else func.greatest(a, b)
+
+
+class Queue:
+    """All reads and writes of requests, users, the audit log and cursors."""
+
+    def __init__(
+        self,
+        db: Database,
+        policy: QueuePolicy | None = None,
+        *,
+        clock: Callable[[], dt.datetime] = utcnow,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.db = db
+        self.policy = policy or QueuePolicy()
+        self.clock = clock
+        self.rng = rng or random.Random()
+
+    # ---- plumbing -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Connection]:
+        try:
+            with self.db.write.begin() as conn:
+                yield conn
+        except (OperationalError, InterfaceError) as exc:
+            if _is_connection_error(exc):
+                raise DatabaseUnavailable(f"lost the database {safe_url(self.db.url)}: {_first_line(exc)}") from exc
+            raise
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[Connection]:
+        try:
+            with self.db.read.connect() as conn:
+                yield conn
+        except (OperationalError, InterfaceError) as exc:
+            if _is_connection_error(exc):
+                raise DatabaseUnavailable(f"lost the database {safe_url(self.db.url)}: {_first_line(exc)}") from exc
+            raise
+
+    def _audit(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+        if rows:
+            now = self.clock()
+            conn.execute(insert(A), [{"created_at": now, "user_ref": None, "reason": None, **r} for r in rows])
+
+    @staticmethod
+    def _one(conn: Connection, request_id: int, *, lock: bool = False) -> RequestRecord:
+        q = select(R).where(R.c.id == request_id)
+        if lock:
+            q = q.with_for_update()
+        row = conn.execute(q).first()
+        if row is None:
+            raise NotFound(f"no request with id {request_id}")
+        return RequestRecord.from_row(row)
+
+    # ---- intake ---------------------------------------------------------------------------
+
+    def enqueue(
+        self,
+        new: NewRequest,
+        *,
+        actor: str | None = None,
+        status: Status = S.QUEUED,
+        reason: str | None = None,
+    ) -> EnqueueResult:
+        """Store a request; idempotent on ``(platform, external_id)``.
+
+        ``status`` is the intake's decision: ``queued`` (the default), ``rejected`` (filtered,
+        rate-limited: ``reason`` says why) or ``held_for_review``. A banned user's request is stored
+        as ``rejected`` whatever the intake decided. Returns the stored request and whether it is new.
+        """
+        if not states.allowed(S.RECEIVED, status):
+            raise ValueError(f"intake cannot store a request as {status}")
+        actor = actor or f"intake:{new.platform}"
+        now = self.clock()
+        dialect = self.db.dialect
+        with self._write() as conn:
+            existing = conn.execute(
+                select(R).where(R.c.platform == new.platform, R.c.external_id == new.external_id)
+            ).first()
+            if existing is not None:
+                return EnqueueResult(RequestRecord.from_row(existing), created=False)
+            vt = conn.execute(
+                select(
+                    func.coalesce(
+                        select(func.min(R.c.slot)).where(R.c.status == S.QUEUED.value).scalar_subquery(),
+                        select(func.max(R.c.slot)).scalar_subquery(),
+                        0,
+                    )
+                )
+            ).scalar_one()
+            ins = _upsert(dialect)(U).values(
+                platform=new.platform,
+                platform_user_id=new.author_id,
+                name=new.author_name,
+                banned=False,
+                notes="",
+                next_slot=vt + 1,
+                created_at=now,
+                updated_at=now,
+            )
+            user = conn.execute(
+                ins.on_conflict_do_update(
+                    index_elements=[U.c.platform, U.c.platform_user_id],
+                    set_={
+                        "name": sa.case((ins.excluded.name != "", ins.excluded.name), else_=U.c.name),
+                        "next_slot": _greatest(dialect, U.c.next_slot, vt) + 1,
+                        "updated_at": now,
+                    },
+                ).returning(U.c.banned, U.c.next_slot)
+            ).one()
+            slot = user.next_slot - 1
+            error = reason
+            if user.banned and status != S.REJECTED:
+                status, error = S.REJECTED, "user is banned"
+            finished = now if status in states.TERMINAL else None
+            values = dict(
+                platform=new.platform,
+                external_id=new.external_id,
+                channel_id=new.channel_id,
+                guild_id=new.guild_id,
+                author_id=new.author_id,
+                author_name=new.author_name,
+                prompt_raw=new.prompt_raw,
+                prompt=new.prompt,
+                n_images=new.n_images,
+                seed=new.seed,
+                options=dict(new.options),
+                status=status.value,
+                priority=new.priority,
+                slot=slot,
+                attempts=0,
+                max_attempts=self.policy.max_attempts,
+                run_at=now,
+                error=error,
+                image_paths=[],
+                nsfw_scores=[],
+                notify=True,
+                created_at=now,
+                updated_at=now,
+                finished_at=finished,
+            )
+            try:
+                with conn.begin_nested():
+                    row = conn.execute(insert(R).values(**values).returning(*R.c)).one()
+            except IntegrityError:
+                # Lost a race with the same event delivered twice at once: the other copy wins.
+                row = conn.execute(
+                    select(R).where(R.c.platform == new.platform, R.c.external_id == new.external_id)
+                ).one()
+                return EnqueueResult(RequestRecord.from_row(row), created=False)
+            rec = RequestRecord.from_row(row)
+            self._audit(conn, [{
+                "request_id": rec.id,
+                "user_ref": rec.user_ref,
+                "actor": actor,
+                "action": "received",
+                "from_status": None,
+                "to_status": status.value,
+                "reason": error,
+            }])
+        return EnqueueResult(rec, created=True)
+
+    # ---- worker: claim, renew, complete, fail ------------------------------------------------
+
+    def claim(self, owner: str, limit: int) -> Claim:
+        """Lease up to ``limit`` queued requests (fair order) to ``owner``."""
+        now = self.clock()
+        token = secrets.token_hex(16)
+        expires = now + dt.timedelta(seconds=self.policy.lease_seconds)
+        pick = (
+            select(R.c.id)
+            .where(R.c.status == S.QUEUED.value, R.c.run_at <= now)
+            .order_by(R.c.priority, R.c.slot, R.c.id)
+            .limit(limit)
+        )
+        values = dict(
+            status=S.RUNNING.value,
+            attempts=R.c.attempts + 1,
+            lease_owner=owner,
+            lease_token=token,
+            lease_expires_at=expires,
+            started_at=now,
+            updated_at=now,
+        )
+        with self._write() as conn:
+            if self.db.is_sqlite:
+                stmt = update(R).where(R.c.id.in_(pick.scalar_subquery())).values(**values)
+            else:
+                c = pick.with_for_update(skip_locked=True).cte("pick").prefix_with("MATERIALIZED")
+                stmt = update(R).where(R.c.id == c.c.id).values(**values)
+            rows = conn.execute(stmt.returning(*R.c)).all()
+            recs = sorted((RequestRecord.from_row(r) for r in rows), key=lambda r: (r.priority, r.slot, r.id))
+            self._audit(conn, [
+                {"request_id": r.id, "actor": f"worker:{owner}", "action": "claimed",
+                 "from_status": S.QUEUED.value, "to_status": S.RUNNING.value,
+                 "reason": f"attempt {r.attempts}"}
+                for r in recs
+            ])
+        return Claim(owner=owner, token=token, expires_at=expires, requests=tuple(recs))
+
+    def renew(self, claim: Claim) -> set[int]:
+        """Extend the lease; returns the ids still owned (others were reclaimed or cancelled)."""
+        now = self.clock()
+        expires = now + dt.timedelta(seconds=self.policy.lease_seconds)
+        with self._write() as conn:
+            rows = conn.execute(
+                update(R)
+                .where(R.c.id.in_(claim.ids), R.c.lease_token == claim.token,
+                       R.c.status.in_([S.RUNNING.value, S.POSTING.value]))
+                .values(lease_expires_at=expires, updated_at=now)
+                .returning(R.c.id)
+            ).all()
+        return {r.id for r in rows}
+
+    def _fenced(
+        self,
+        conn: Connection,
+        claim: Claim,
+        request_id: int,
+        expected: Status,
+        target: Status,
+        values: dict[str, Any],
+        *,
+        action: str,
+        reason: str | None = None,
+    ) -> RequestRecord:
+        assert states.allowed(expected, target), (expected, target)
+        now = self.clock()
+        row = conn.execute(
+            update(R)
+            .where(R.c.id == request_id, R.c.status == expected.value, R.c.lease_token == claim.token)
+            .values(status=target.value, updated_at=now, **values)
+            .returning(*R.c)
+        ).first()
+        if row is None:
+            raise LeaseLost(
+                f"request {request_id} is no longer {expected} under this worker's lease "
+                "(reclaimed by another worker, cancelled, or finished): result dropped"
+            )
+        self._audit(conn, [{"request_id": request_id, "actor": f"worker:{claim.owner}", "action": action,
+                            "from_status": expected.value, "to_status": target.value, "reason": reason}])
+        return RequestRecord.from_row(row)
+
+    def complete(
+        self,
+        claim: Claim,
+        request_id: int,
+        image_paths: Sequence[str],
+        nsfw_scores: Sequence[float] = (),
+        *,
+        hold_reason: str | None = None,
+    ) -> RequestRecord:
+        """Record generated images: ``generated``, or ``held_for_review`` when ``hold_reason`` is set."""
+        target = S.HELD if hold_reason else S.GENERATED
+        with self._write() as conn:
+            return self._fenced(
+                conn, claim, request_id, S.RUNNING, target,
+                dict(image_paths=list(image_paths), nsfw_scores=[float(s) for s in nsfw_scores],
+                     lease_owner=None, lease_token=None, lease_expires_at=None, error=None),
+                action="held" if hold_reason else "generated", reason=hold_reason,
+            )
+
+    def complete_many(self, claim: Claim, results: dict[int, Sequence[str]]) -> list[RequestRecord]:
+        """Record several generated results in one transaction; requests whose lease was lost are
+        skipped (and not returned)."""
+        out: list[RequestRecord] = []
+        with self._write() as conn:
+            for rid, paths in results.items():
+                try:  # a lost lease matches no row: nothing to roll back
+                    out.append(self._fenced(
+                        conn, claim, rid, S.RUNNING, S.GENERATED,
+                        dict(image_paths=list(paths), lease_owner=None, lease_token=None,
+                             lease_expires_at=None, error=None),
+                        action="generated"))
+                except LeaseLost:
+                    continue
+        return out
+
+    def fail(self, claim: Claim, request_id: int, error: str, *, permanent: bool = False) -> RequestRecord:
+        """A generation attempt failed: retry later with backoff, or ``dead``/``failed``."""
+        with self._write() as conn:
+            cur = self._one(conn, request_id)
+            return self._retry_or_end(conn, claim, cur, S.RUNNING, error, permanent)
+
+    def _retry_or_end(
+        self, conn: Connection, claim: Claim, cur: RequestRecord, expected: Status, error: str,
+        permanent: bool, retry_after: float | None = None,
+    ) -> RequestRecord:
+        now = self.clock()
+        clear = dict(lease_owner=None, lease_token=None, lease_expires_at=None, error=error[:2000])
+        if permanent:
+            return self._fenced(conn, claim, cur.id, expected, S.FAILED, dict(clear, finished_at=now),
+                                action="failed", reason=error)
+        if cur.attempts >= cur.max_attempts:
+            return self._fenced(conn, claim, cur.id, expected, S.DEAD, dict(clear, finished_at=now),
+                                action="dead", reason=f"out of attempts ({cur.attempts}): {error}")
+        delay = backoff_seconds(cur.attempts, self.policy.retry_base_seconds, self.policy.retry_max_seconds,
+                                self.rng.random())
+        if retry_after is not None:
+            delay = max(delay, retry_after)
+        back = S.QUEUED if expected == S.RUNNING else S.GENERATED
+        return self._fenced(conn, claim, cur.id, expected, back,
+                            dict(clear, run_at=now + dt.timedelta(seconds=delay)),
+                            action="retry", reason=f"{error} (retry in {delay:.0f}s)")
+
+    def release(self, claim: Claim, reason: str = "worker shutting down") -> int:
+        """Give unfinished claimed requests back without counting the attempt (graceful shutdown)."""
+        now = self.clock()
+        n = 0
+        with self._write() as conn:
+            for rid in claim.ids:
+                row = conn.execute(
+                    update(R)
+                    .where(R.c.id == rid, R.c.lease_token == claim.token, R.c.status == S.RUNNING.value)
+                    .values(status=S.QUEUED.value, attempts=R.c.attempts - 1, lease_owner=None,
+                            lease_token=None, lease_expires_at=None, run_at=now, updated_at=now)
+                    .returning(R.c.id)
+                ).first()
+                if row is not None:
+                    n += 1
+                    self._audit(conn, [{"request_id": rid, "actor": f"worker:{claim.owner}", "action": "released",
+                                        "from_status": S.RUNNING.value, "to_status": S.QUEUED.value,
+                                        "reason": reason}])
+        return n
+
+    def reclaim_expired(self, limit: int = 500) -> int:
+        """Requeue (or mark dead) ``running`` requests whose lease has expired. Safe to run anywhere,
+        any number of times at once."""
+        now = self.clock()
+        q = (
+            select(R)
+            .where(R.c.status == S.RUNNING.value, R.c.lease_expires_at < now)
+            .order_by(R.c.lease_expires_at)
+            .limit(limit)
+        )
+        if not self.db.is_sqlite:
+            q = q.with_for_update(skip_locked=True)
+        n = 0
+        with self._write() as conn:
+            for row in conn.execute(q).all():
+                rec = RequestRecord.from_row(row)
+                # Same rules as a failed attempt, fenced on the expired lease, logged as the reclaimer.
+                stale = Claim(owner="reclaimer", token=rec.lease_token or "", expires_at=now, requests=(rec,))
+                try:
+                    self._retry_or_end(conn, stale, rec, S.RUNNING, f"lease of worker {rec.lease_owner} expired",
+                                       permanent=False)
+                    n += 1
+                except LeaseLost:
+                    pass
+        return n
+
+    # ---- delivery -------------------------------------------------------------------------
+
+    def claim_deliveries(self, owner: str, limit: int, platforms: Sequence[str] | None = None) -> Claim:
+        """Lease ``generated`` requests for posting (status ``posting``: the intent is recorded before
+        the platform call) and re-lease ``posting`` requests whose lease expired (``recovering``)."""
+        now = self.clock()
+        token = secrets.token_hex(16)
+        expires = now + dt.timedelta(seconds=self.policy.lease_seconds)
+        cond = sa.or_(
+            sa.and_(R.c.status == S.GENERATED.value, R.c.run_at <= now),
+            sa.and_(R.c.status == S.POSTING.value, R.c.lease_expires_at < now),
+        )
+        if platforms is not None:
+            cond = sa.and_(cond, R.c.platform.in_(list(platforms)))
+        pick = select(R.c.id, R.c.status).where(cond).order_by(R.c.priority, R.c.id).limit(limit)
+        if not self.db.is_sqlite:
+            pick = pick.with_for_update(skip_locked=True)
+        with self._write() as conn:
+            picked = conn.execute(pick).all()
+            recovering = frozenset(p.id for p in picked if p.status == S.POSTING.value)
+            if not picked:
+                return Claim(owner, token, expires, ())
+            rows = conn.execute(
+                update(R)
+                .where(R.c.id.in_([p.id for p in picked]))
+                .values(status=S.POSTING.value, attempts=R.c.attempts + 1, lease_owner=owner, lease_token=token,
+                        lease_expires_at=expires, updated_at=now)
+                .returning(*R.c)
+            ).all()
+            recs = tuple(sorted((RequestRecord.from_row(r) for r in rows), key=lambda r: r.id))
+            self._audit(conn, [
+                {"request_id": r.id, "actor": f"worker:{owner}",
+                 "action": "recovering" if r.id in recovering else "posting",
+                 "from_status": (S.POSTING if r.id in recovering else S.GENERATED).value,
+                 "to_status": S.POSTING.value,
+                 "reason": "earlier delivery lease expired: check the platform before posting" if r.id in recovering else None}
+                for r in recs
+            ])
+        return Claim(owner, token, expires, recs, recovering)
+
+    def mark_posted(self, claim: Claim, request_id: int, reply_id: str | None, reply_url: str | None = None) -> RequestRecord:
+        now = self.clock()
+        with self._write() as conn:
+            return self._fenced(
+                conn, claim, request_id, S.POSTING, S.POSTED,
+                dict(reply_id=reply_id, reply_url=reply_url, finished_at=now, lease_owner=None,
+                     lease_token=None, lease_expires_at=None, error=None),
+                action="posted", reason=reply_id and f"reply {reply_id}",
+            )
+
+    def delivery_failed(
+        self, claim: Claim, request_id: int, error: str, *, permanent: bool = False, retry_after: float | None = None
+    ) -> RequestRecord:
+        with self._write() as conn:
+            cur = self._one(conn, request_id)
+            return self._retry_or_end(conn, claim, cur, S.POSTING, error, permanent, retry_after)
+
+    # ---- moderation -----------------------------------------------------------------------
+
+    def _moderate(self, request_id: int, target: Status, actor: str, action: str, reason: str | None,
+                  extra: Callable[[RequestRecord], dict[str, Any]] | None = None) -> RequestRecord:
+        now = self.clock()
+        with self._write() as conn:
+            cur = self._one(conn, request_id, lock=not self.db.is_sqlite)
+            if not states.allowed(cur.status, target):
+                raise IllegalTransition(request_id, cur.status.value, target.value, action)
+            values: dict[str, Any] = dict(status=target.value, updated_at=now)
+            if target in states.TERMINAL:
+                values["finished_at"] = now
+            if cur.status in (S.RUNNING, S.POSTING):
+                values.update(lease_owner=None, lease_token=None, lease_expires_at=None)
+            if extra:
+                values.update(extra(cur))
+            row = conn.execute(
+                update(R).where(R.c.id == request_id, R.c.status == cur.status.value).values(**values).returning(*R.c)
+            ).first()
+            if row is None:  # changed under us (PostgreSQL locks the row, so only SQLite readers race)
+                raise IllegalTransition(request_id, "changed concurrently", target.value, action)
+            self._audit(conn, [{"request_id": request_id, "actor": actor, "action": action,
+                                "from_status": cur.status.value, "to_status": target.value, "reason": reason}])
+            return RequestRecord.from_row(row)
+
+    def approve(self, request_id: int, *, actor: str, reason: str | None = None) -> RequestRecord:
+        """A held request goes on: to delivery if it has images, else to the generation queue."""
+        rec = self.get(request_id)
+        target = S.GENERATED if rec.image_paths else S.QUEUED
+        if rec.status != S.HELD:
+            raise IllegalTransition(request_id, rec.status.value, target.value, "approve")
+        return self._moderate(request_id, target, actor, "approved", reason,
+                              lambda cur: {"run_at": self.clock()})
+
+    def reject(self, request_id: int, *, actor: str, reason: str | None = None) -> RequestRecord:
+        return self._moderate(request_id, S.REJECTED, actor, "rejected", reason,
+                              lambda cur: {"error": reason or "rejected by a moderator"})
+
+    def hold(self, request_id: int, *, actor: str, reason: str | None = None) -> RequestRecord:
+        return self._moderate(request_id, S.HELD, actor, "held", reason)
+
+    def cancel(self, request_id: int, *, actor: str, reason: str | None = None) -> RequestRecord:
+        return self._moderate(request_id, S.CANCELLED, actor, "cancelled", reason)
+
+    def requeue(self, request_id: int, *, actor: str, reason: str | None = None) -> RequestRecord:
+        """Give a finished-without-success request a fresh set of attempts."""
+        return self._moderate(request_id, S.QUEUED, actor, "requeued", reason,
+                              lambda cur: {"attempts": 0, "run_at": self.clock(), "error": None,
+                                           "finished_at": None})
+
+    def set_ban(self, user_ref: str, banned: bool, *, actor: str, reason: str | None = None) -> UserRecord:
+        platform, uid = parse_user_ref(user_ref)
+        now = self.clock()
+        with self._write() as conn:
+            ins = _upsert(self.db.dialect)(U).values(
+                platform=platform, platform_user_id=uid, name="", banned=banned,
+                ban_reason=reason if banned else None, notes="", next_slot=0, created_at=now, updated_at=now,
+            )
+            row = conn.execute(
+                ins.on_conflict_do_update(
+                    index_elements=[U.c.platform, U.c.platform_user_id],
+                    set_={"banned": banned, "ban_reason": reason if banned else None, "updated_at": now},
+                ).returning(*U.c)
+            ).one()
+            self._audit(conn, [{"request_id": None, "user_ref": f"{platform}:{uid}", "actor": actor,
+                                "action": "banned" if banned else "unbanned", "from_status": None,
+                                "to_status": None, "reason": reason}])
+        return UserRecord.from_row(row)
+
+    def set_user_notes(self, user_ref: str, notes: str, *, actor: str) -> UserRecord:
+        platform, uid = parse_user_ref(user_ref)
+        now = self.clock()
+        with self._write() as conn:
+            row = conn.execute(
+                update(U).where(U.c.platform == platform, U.c.platform_user_id == uid)
+                .values(notes=notes, updated_at=now).returning(*U.c)
+            ).first()
+            if row is None:
+                raise NotFound(f"no user {platform}:{uid}")
+            self._audit(conn, [{"request_id": None, "user_ref": f"{platform}:{uid}", "actor": actor,
+                                "action": "noted", "from_status": None, "to_status": None, "reason": notes}])
+        return UserRecord.from_row(row)
+
+    # ---- queries --------------------------------------------------------------------------
+
+    def get(self, request_id: int) -> RequestRecord:
+        with self._read() as conn:
+            return self._one(conn, request_id)
+
+    def audit(self, request_id: int | None = None, *, user_ref: str | None = None, limit: int = 500) -> list[AuditRecord]:
+        q = select(A).order_by(A.c.id).limit(limit)
+        if request_id is not None:
+            q = q.where(A.c.request_id == request_id)
+        if user_ref is not None:
+            q = q.where(A.c.user_ref == user_ref)
+        with self._read() as conn:
+            return [AuditRecord.from_row(r) for r in conn.execute(q)]
+
+    def get_user(self, user_ref: str) -> UserRecord:
+        platform, uid = parse_user_ref(user_ref)
+        with self._read() as conn:
+            row = conn.execute(select(U).where(U.c.platform == platform, U.c.platform_user_id == uid)).first()
+        if row is None:
+            raise NotFound(f"no user {platform}:{uid}")
+        return UserRecord.from_row(row)
+
+    def list(
+        self,
+        *,
+        status: Sequence[str] | str | None = None,
+        platform: str | None = None,
+        user: str | None = None,
+        text: str | None = None,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+        before_id: int | None = None,
+        limit: int = 50,
+    ) -> list[RequestRecord]:
+        """Newest first; page with ``before_id`` (the last id of the previous page)."""
+        q = select(R).order_by(R.c.id.desc()).limit(limit)
+        if status:
+            wanted = [status] if isinstance(status, str) else list(status)
+            q = q.where(R.c.status.in_([Status(s).value for s in wanted]))
+        if platform:
+            q = q.where(R.c.platform == platform)
+        if user:
+            p, uid = parse_user_ref(user) if ":" in user else (None, user)
+            q = q.where(R.c.author_id == uid)
+            if p:
+                q = q.where(R.c.platform == p)
+        if text:
+            like = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            q = q.where(sa.or_(R.c.prompt_raw.ilike(like, escape="\\"), R.c.author_name.ilike(like, escape="\\")))
+        if since:
+            q = q.where(R.c.created_at >= since)
+        if until:
+            q = q.where(R.c.created_at < until)
+        if before_id is not None:
+            q = q.where(R.c.id < before_id)
+        with self._read() as conn:
+            return [RequestRecord.from_row(r) for r in conn.execute(q)]
+
+    def stats(self) -> dict[str, int]:
+        """Count of requests in every status (zeros included)."""
+        counts = {s.value: 0 for s in Status}
+        with self._read() as conn:
+            for status, n in conn.execute(select(R.c.status, func.count()).group_by(R.c.status)):
+                counts[status] = n
+        return counts
+
+    def position(self, request_id: int) -> int | None:
+        """How many queued requests will be served before this one (0: next), or None when it is not
+        waiting in the queue. One index range count."""
+        with self._read() as conn:
+            rec = conn.execute(select(R.c.status, R.c.priority, R.c.slot).where(R.c.id == request_id)).first()
+            if rec is None:
+                raise NotFound(f"no request with id {request_id}")
+            if rec.status != S.QUEUED.value:
+                return None
+            return conn.execute(
+                select(func.count()).select_from(R).where(
+                    R.c.status == S.QUEUED.value,
+                    tuple_(R.c.priority, R.c.slot, R.c.id) < tuple_(rec.priority, rec.slot, request_id),
+                )
+            ).scalar_one()
+
+    def pending_work(self) -> dict[str, Any]:
+        """What a draining worker still has to wait for: counts and the earliest retry time."""
+        now = self.clock()
+        with self._read() as conn:
+            queued_now = conn.execute(select(func.count()).select_from(R).where(
+                R.c.status == S.QUEUED.value, R.c.run_at <= now)).scalar_one()
+            next_run = conn.execute(select(func.min(R.c.run_at)).where(
+                R.c.status.in_([S.QUEUED.value, S.GENERATED.value]))).scalar_one()
+            deliverable = conn.execute(select(func.count()).select_from(R).where(
+                sa.or_(sa.and_(R.c.status == S.GENERATED.value, R.c.run_at <= now),
+                       sa.and_(R.c.status == S.POSTING.value, R.c.lease_expires_at < now)))).scalar_one()
+            expired = conn.execute(select(func.count()).select_from(R).where(
+                R.c.status == S.RUNNING.value, R.c.lease_expires_at < now)).scalar_one()
+        return {"queued_now": queued_now, "next_run_at": next_run, "deliverable": deliverable,
+                "expired_leases": expired}
+
+    # ---- cursors --------------------------------------------------------------------------
+
+    def get_cursor(self, name: str) -> str | None:
+        with self._read() as conn:
+            return conn.execute(select(C.c.value).where(C.c.name == name)).scalar_one_or_none()
+
+    def set_cursor(self, name: str, value: str) -> None:
+        now = self.clock()
+        with self._write() as conn:
+            ins = _upsert(self.db.dialect)(C).values(name=name, value=value, updated_at=now)
+            conn.execute(ins.on_conflict_do_update(index_elements=[C.c.name],
+                                                   set_={"value": value, "updated_at": now}))
+
+
+def _upsert(dialect: str):  # type: ignore[no-untyped-def]
+    if dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as ins
+    else:
+        from sqlalchemy.dialects.postgresql import insert as ins
+    return ins
+
+
+def _first_line(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    if getattr(exc, "connection_invalidated", False):
+        return True
+    text = str(getattr(exc, "orig", exc)).lower()
+    return any(s in text for s in ("connection", "could not connect", "server closed", "terminating", "unable to open"))
