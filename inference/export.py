@@ -1,0 +1,271 @@
+"""Export torch modules to a model bundle (ONNX graphs + tokenizer files + manifest).
+
+Used by ``dallebot export`` (after ``inference.convert`` has loaded a published checkpoint) and by
+the training code of the project's own models::
+
+    parts = ModelParts(encoder, decoder, vqgan)          # trained or converted torch modules
+    export_bundle(parts, tokenizer_dir, "bundles/shapes", name="shapes-v1",
+                  sampling=SamplingDefaults(condition_scale=3.0, top_k=8),
+                  provenance={"trained_by": "..."}, license="Apache-2.0")
+
+The exported graphs (names and shapes in ``inference.bundle``):
+
+* encoder: text ids -> encoder states -> every decoder layer's cross-attention K/V, computed once
+  per request instead of once per step (min-dalle recomputes them at every step);
+* decoder: one step for all rows: token + position + cached K/V -> logits and this step's K/V;
+* vqgan: codes -> pixels, always float32 (half precision breaks the VQGAN's images).
+
+Export uses torch's dynamo-based ``torch.onnx.export`` (the default since torch 2.9) with a dynamic
+row dimension; its progress chatter and warnings are silenced here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .bundle import (
+    DECODER_FIXED_INPUTS, DECODER_OUTPUTS, DTYPES, ENCODER_INPUTS, ENCODER_OUTPUTS, GRAPHS,
+    TOKENIZER_FILES, VQGAN_INPUTS, VQGAN_OUTPUTS, WORD_FREQUENCY_FILE, Bundle, SamplingDefaults,
+    decoder_kv_inputs, write_manifest,
+)
+from .config import ModelConfig, VQGANConfig
+from .errors import InferenceError
+from .model import DalleBartDecoder, DalleBartEncoder, VQGANDecoder
+
+_log = logging.getLogger(__name__)
+
+EXTERNAL_DATA_BYTES = 1 << 30   # graphs with more weight bytes than this keep them in NAME.onnx.data
+OPSET = 18
+
+
+@dataclass
+class ModelParts:
+    """The three torch modules a bundle is made of."""
+
+    encoder: DalleBartEncoder
+    decoder: DalleBartDecoder
+    vqgan: VQGANDecoder
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.decoder.cfg
+
+    @property
+    def vqgan_config(self) -> VQGANConfig:
+        return self.vqgan.cfg
+
+    def eval(self) -> "ModelParts":
+        for m in (self.encoder, self.decoder, self.vqgan):
+            m.eval()
+        return self
+
+
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """dalle-mini style init: normal(0, std) for Linear/Embedding weights, zero biases, unit LN gains."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=std)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+
+def build_parts(model: ModelConfig, vqgan: VQGANConfig, *, seed: int = 0, std: float = 0.02) -> ModelParts:
+    """Fresh modules with random weights (tests, benchmarks, the start of training)."""
+    if model.image_grid != vqgan.token_grid:
+        raise ValueError(f"decoder image_grid {model.image_grid} != VQGAN token grid {vqgan.token_grid}")
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        parts = ModelParts(DalleBartEncoder(model), DalleBartDecoder(model), VQGANDecoder(vqgan))
+        init_weights(parts.encoder, std)
+        init_weights(parts.decoder, std)
+    return parts.eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# Export wrappers: the exact functions the graphs compute.
+
+class EncoderGraph(nn.Module):
+    """(input_ids, attention_mask) (R, T) -> cross_kv (L, 2, R, H, T, Dh)."""
+
+    def __init__(self, encoder: DalleBartEncoder, decoder: DalleBartDecoder) -> None:
+        super().__init__()
+        self.encoder, self.decoder = encoder, decoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.decoder.cross_kv(self.encoder(input_ids, attention_mask))
+
+
+class DecoderStepGraph(nn.Module):
+    """(token, position, text_mask, past K/V x 2L, cross K/V x 2L) -> (logits, new_kv)."""
+
+    def __init__(self, decoder: DalleBartDecoder) -> None:
+        super().__init__()
+        self.decoder = decoder
+        self.layers = decoder.cfg.decoder_layers
+
+    def forward(self, token: torch.Tensor, position: torch.Tensor, text_mask: torch.Tensor,
+                *kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = 2 * self.layers
+        return self.decoder.step(token, position, list(kv[:n]), list(kv[n:]), text_mask)
+
+
+class VQGANGraph(nn.Module):
+    def __init__(self, vqgan: VQGANDecoder) -> None:
+        super().__init__()
+        self.vqgan = vqgan
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.vqgan(codes)
+
+
+def example_inputs(cfg: ModelConfig, rows: int, dtype: torch.dtype = torch.float32
+                   ) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Dummy inputs for each graph (rows = R). Masks have one padded column so no branch folds away."""
+    t, n, h, dh, layers = cfg.text_length, cfg.image_length, cfg.decoder_heads, cfg.head_dim, cfg.decoder_layers
+    ids = torch.full((rows, t), cfg.text_pad_id, dtype=torch.long)
+    ids[:, 0], ids[:, 1] = cfg.text_bos_id, cfg.text_eos_id
+    mask = (ids != cfg.text_pad_id).long()
+    past = tuple(torch.zeros(rows, h, n, dh, dtype=dtype) for _ in range(2 * layers))
+    cross = tuple(torch.zeros(rows, h, t, dh, dtype=dtype) for _ in range(2 * layers))
+    token = torch.full((rows,), cfg.decoder_start_token_id, dtype=torch.long)
+    position = torch.zeros(1, dtype=torch.long)
+    codes = torch.zeros(max(1, rows // 2), n, dtype=torch.long)
+    return {"encoder": (ids, mask), "decoder": (token, position, mask, *past, *cross), "vqgan": (codes,)}
+
+
+@contextlib.contextmanager
+def _quiet_export() -> Iterator[None]:
+    """torch.onnx prints progress lines and emits warnings meant for its own developers."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()) as out:
+        warnings.simplefilter("ignore")
+        logging.disable(logging.WARNING)   # torchvision-missing notes, quantiser hints
+        try:
+            yield
+        finally:
+            logging.disable(logging.NOTSET)
+    _log.debug("torch.onnx output: %s", out.getvalue())
+
+
+ROWS = torch.export.Dim("rows", min=1, max=4096)
+
+
+def export_graph(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, input_names: list[str],
+                 output_names: list[str], dynamic_shapes: tuple[Any, ...]) -> list[Path]:
+    """Export one graph (dynamic_shapes mirrors forward's signature); returns the files written."""
+    weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    external = weight_bytes > EXTERNAL_DATA_BYTES
+    with _quiet_export(), torch.no_grad():
+        torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
+                          dynamic_shapes=dynamic_shapes, dynamo=True, optimize=True, opset_version=OPSET,
+                          external_data=external, verbose=False)
+    files = [path]
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        files.append(data)
+    return files
+
+
+def export_graphs(parts: ModelParts, out_dir: Path, dtype: str = "float32", progress: bool = True) -> list[str]:
+    """Write encoder/decoder/vqgan ONNX graphs into out_dir; returns the file names written."""
+    if dtype not in DTYPES:
+        raise InferenceError(f"--dtype must be one of {', '.join(DTYPES)}")
+    cfg = parts.config
+    parts.eval()
+    encoder, decoder = parts.encoder, parts.decoder
+    kv_dtype = torch.float32
+    if dtype == "float16":
+        encoder, decoder = _half_copy(encoder), _half_copy(decoder)
+        kv_dtype = torch.float16
+    ex = example_inputs(cfg, rows=4, dtype=kv_dtype)
+    kv_names = decoder_kv_inputs(cfg.decoder_layers)
+    rows = {0: ROWS}   # the row (batch) axis is dynamic everywhere
+    specs = [
+        ("encoder", EncoderGraph(encoder, decoder), list(ENCODER_INPUTS), list(ENCODER_OUTPUTS),
+         (rows, rows)),
+        ("decoder", DecoderStepGraph(decoder), [*DECODER_FIXED_INPUTS, *kv_names], list(DECODER_OUTPUTS),
+         (rows, None, rows, tuple(rows for _ in kv_names))),
+        ("vqgan", VQGANGraph(parts.vqgan), list(VQGAN_INPUTS), list(VQGAN_OUTPUTS), (rows,)),
+    ]
+    written: list[str] = []
+    for part, module, ins, outs, dyn in tqdm(specs, desc="export ONNX", unit="graph", disable=not progress):
+        t0 = time.perf_counter()
+        files = export_graph(module.eval(), ex[part], out_dir / GRAPHS[part], ins, outs, dyn)
+        _log.info("exported %s in %.1f s", part, time.perf_counter() - t0)
+        written += [f.name for f in files]
+    if dtype == "int8":
+        written = _quantize_dynamic(out_dir, written, progress)
+    return written
+
+
+def _half_copy(module: nn.Module) -> nn.Module:
+    """A float16 copy of a DalleBart part; the decoder's lm_head stays float32 (guidance amplifies
+    its rounding error, min-dalle issue 95)."""
+    import copy
+
+    m = copy.deepcopy(module).half()
+    if isinstance(m, DalleBartDecoder):
+        m.lm_head.float()
+    return m
+
+
+def _quantize_dynamic(out_dir: Path, written: list[str], progress: bool) -> list[str]:
+    """int8 weights for every MatMul of the encoder and decoder (the VQGAN stays float32)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    for part in tqdm(("encoder", "decoder"), desc="quantise int8", disable=not progress):
+        graph = out_dir / GRAPHS[part]
+        data = graph.with_name(graph.name + ".data")
+        fp32 = graph.with_name(f"{part}.fp32.onnx")      # still finds its external data by file name
+        graph.rename(fp32)
+        had_data = data.exists()
+        with _quiet_export():
+            # large graphs (DALL·E Mega) keep external data: int8 weights are then written to `data`
+            quantize_dynamic(fp32, graph, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
+                             per_channel=False, use_external_data_format=had_data)
+        fp32.unlink()
+    return [f for f in written if (out_dir / f).exists()]
+
+
+def export_bundle(parts: ModelParts, tokenizer_dir: str | Path, out_dir: str | Path, *, name: str,
+                  dtype: str = "float32", sampling: SamplingDefaults | None = None,
+                  provenance: dict[str, Any] | None = None, license: str = "unknown",
+                  description: str = "", random_weights: bool = False, overwrite: bool = False,
+                  progress: bool = True) -> Bundle:
+    """Write a complete bundle (graphs, vocab.json + merges.txt from ``tokenizer_dir``, manifest).
+
+    ``tokenizer_dir`` may also hold ``enwiki-words-frequency.txt`` (dalle-mini's hashtag splitter),
+    which is then copied too. The manifest is written last and the bundle is re-read and verified.
+    """
+    out = Path(out_dir)
+    tok = Path(tokenizer_dir)
+    for f in TOKENIZER_FILES.values():
+        if not (tok / f).is_file():
+            raise InferenceError(f"tokenizer file {tok / f} is missing: a bundle needs vocab.json and merges.txt")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise InferenceError(f"{out} exists and is not empty; choose a new --out folder or remove it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = export_graphs(parts, out, dtype, progress)
+    for f in [*TOKENIZER_FILES.values(), WORD_FREQUENCY_FILE]:
+        if (tok / f).is_file():
+            shutil.copyfile(tok / f, out / f)
+            files.append(f)
+    prov = {"exported_with": f"torch {torch.__version__}", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **(provenance or {})}
+    write_manifest(out, name=name, model=parts.config, vqgan=parts.vqgan_config, dtype=dtype,
+                   sampling=sampling or SamplingDefaults(), provenance=prov, license=license,
+                   random_weights=random_weights, files=files, description=description)
+    return Bundle.open(out, verify=False)
