@@ -26,12 +26,13 @@ class NotFound(StorageError):
 
 
 class IllegalTransition(StorageError):
-    def __init__(self, request_id: int, current: str, target: str, action: str | None = None) -> None:
+    def __init__(self, request_id: int, current: str, target: str, action: str | None = None,
+                 detail: str | None = None) -> None:
         self.request_id = request_id
         self.current = current
         self.target = target
         what = f"cannot {action} request {request_id}" if action else f"request {request_id} cannot go"
-        super().__init__(f"{what}: it is {current}, and {current} -> {target} is not allowed")
+        super().__init__(f"{what}: it is {current}, " + (detail or f"and {current} -> {target} is not allowed"))
 
 
 class LeaseLost(StorageError):

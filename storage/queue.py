@@ -335,14 +335,18 @@ class Queue:
         nsfw_scores: Sequence[float] = (),
         *,
         hold_reason: str | None = None,
+        seed: int | None = None,
     ) -> RequestRecord:
-        """Record generated images: ``generated``, or ``held_for_review`` when ``hold_reason`` is set."""
+        """Record generated images: ``generated``, or ``held_for_review`` when ``hold_reason`` is set.
+        ``seed`` records the seed actually used (for re-rolls and reproduction)."""
         target = S.HELD if hold_reason else S.GENERATED
+        values: dict[str, Any] = dict(image_paths=list(image_paths), nsfw_scores=[float(s) for s in nsfw_scores],
+                                      lease_owner=None, lease_token=None, lease_expires_at=None, error=None)
+        if seed is not None:
+            values["seed"] = seed
         with self._write() as conn:
             return self._fenced(
-                conn, claim, request_id, S.RUNNING, target,
-                dict(image_paths=list(image_paths), nsfw_scores=[float(s) for s in nsfw_scores],
-                     lease_owner=None, lease_token=None, lease_expires_at=None, error=None),
+                conn, claim, request_id, S.RUNNING, target, values,
                 action="held" if hold_reason else "generated", reason=hold_reason,
             )
 
@@ -522,7 +526,8 @@ class Queue:
         rec = self.get(request_id)
         target = S.GENERATED if rec.image_paths else S.QUEUED
         if rec.status != S.HELD:
-            raise IllegalTransition(request_id, rec.status.value, target.value, "approve")
+            raise IllegalTransition(request_id, rec.status.value, target.value, "approve",
+                                    detail="and only requests held for review can be approved")
         return self._moderate(request_id, target, actor, "approved", reason,
                               lambda cur: {"run_at": self.clock()})
 

@@ -1,0 +1,62 @@
+"""Logging set-up, done once by the entry point. Modules only call ``logging.getLogger(__name__)``.
+
+Every record may carry ``extra={"request_id": ..., "action": ...}``; both formats print them. A filter
+replaces configured secrets with ``***`` in every message, so they never reach a log line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Iterable
+
+_SECRETS: list[str] = []
+
+
+class _Scrub(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _SECRETS:
+            msg = record.getMessage()
+            for s in _SECRETS:
+                msg = msg.replace(s, "***")
+            record.msg, record.args = msg, None
+        return True
+
+
+class _Text(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        base = super().format(record)
+        rid = getattr(record, "request_id", None)
+        return f"{base} [request {rid}]" if rid is not None else base
+
+
+class _Json(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key in ("request_id", "action", "worker"):
+            if hasattr(record, key):
+                out[key] = getattr(record, key)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def setup_logging(level: str | None = None, fmt: str = "text", secrets: Iterable[str] = ()) -> None:
+    """Configure the root logger (idempotent). ``level=None`` means WARNING."""
+    _SECRETS[:] = [s for s in secrets if s]
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_dallebot", False):
+            root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler._dallebot = True  # type: ignore[attr-defined]
+    handler.setFormatter(_Json() if fmt == "json" else _Text("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_Scrub())
+    root.addHandler(handler)
+    root.setLevel(level or "WARNING")

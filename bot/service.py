@@ -1,0 +1,90 @@
+"""`dallebot serve`: one asyncio process running the scheduler jobs and the web server.
+
+Jobs (APScheduler AsyncIOScheduler, each ``max_instances=1, coalesce=True`` so none piles up):
+- ``generate``: claim a batch and generate it, in a worker thread (never on the event loop);
+- ``deliver``: post generated results, in a worker thread;
+- ``reclaim``: return expired leases to the queue.
+
+The web server (uvicorn) serves the dashboard, ``/healthz`` and ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Sequence
+
+from bot.app import App
+
+_log = logging.getLogger(__name__)
+
+
+class Service:
+    def __init__(self, app: App, roles: Sequence[str], host: str = "127.0.0.1", port: int = 8080) -> None:
+        from bot.worker import Worker
+
+        self.app = app
+        self.roles = tuple(roles)
+        self.host, self.port = host, port
+        self.worker = (
+            Worker(app.queue, app.generator, app.platforms, app.settings.images_dir,
+                   batch_size=app.settings.queue.batch_size)
+            if "worker" in self.roles
+            else None
+        )
+        self.stopping = asyncio.Event()
+
+    async def _generate(self) -> None:
+        assert self.worker is not None
+        while not self.stopping.is_set() and await asyncio.to_thread(self.worker.generate_batch):
+            pass
+
+    async def _deliver(self) -> None:
+        assert self.worker is not None
+        while not self.stopping.is_set() and await asyncio.to_thread(self.worker.deliver_batch):
+            pass
+
+    async def _reclaim(self) -> None:
+        n = await asyncio.to_thread(self.app.queue.reclaim_expired)
+        if n:
+            _log.info("reclaimed %d expired lease(s)", n)
+
+    async def run(self) -> None:
+        from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+        scheduler = AsyncIOScheduler()
+        opts = dict(max_instances=1, coalesce=True, misfire_grace_time=None)
+        if self.worker is not None:
+            if self.app.generator is None:
+                raise RuntimeError("no model")
+            scheduler.add_job(self._generate, "interval", seconds=1, id="generate", **opts)
+            scheduler.add_job(self._deliver, "interval", seconds=1, id="deliver", **opts)
+            scheduler.add_job(self._reclaim, "interval", seconds=15, id="reclaim", **opts)
+        scheduler.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        server_task = None
+        server = None
+        if "web" in self.roles:
+            import uvicorn
+
+            from bot.web import create_web_app
+
+            config = uvicorn.Config(create_web_app(self.app), host=self.host, port=self.port, log_level="warning",
+                                    lifespan="off")
+            server = uvicorn.Server(config)
+            server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+            server_task = asyncio.create_task(server.serve())
+            _log.warning("dashboard on http://%s:%d/", self.host, self.port)
+        await self.stopping.wait()
+        _log.warning("shutting down")
+        scheduler.shutdown(wait=False)
+        if server is not None and server_task is not None:
+            server.should_exit = True
+            await server_task
+
+
+def run_service(app: App, roles: Sequence[str], host: str = "127.0.0.1", port: int = 8080) -> None:
+    asyncio.run(Service(app, roles, host, port).run())

@@ -1,0 +1,187 @@
+"""The worker: claim batches, generate, record; claim deliveries, post, record.
+
+Synchronous by design: `dallebot worker --drain` calls it directly, and `dallebot serve` runs it in
+a worker thread so inference never blocks the event loop. While a batch generates, a background
+thread renews its lease (every third of the lease), so a long batch keeps its claim and a dead
+worker loses it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bot.generation import GenerationJob, Generator
+from bot.platforms.base import DeliveryError, Platform
+from storage.errors import LeaseLost
+from storage.queue import Queue
+from storage.records import Claim
+
+_log = logging.getLogger(__name__)
+
+
+def default_owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class LeaseKeeper:
+    """Renews a claim's lease from a background thread until closed."""
+
+    def __init__(self, queue: Queue, claim: Claim, interval: float) -> None:
+        self.queue, self.claim, self.interval = queue, claim, interval
+        self.owned: set[int] = set(claim.ids)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.owned = self.queue.renew(self.claim)
+            except Exception:  # keep trying: the lease is only lost when it expires
+                _log.warning("lease renewal failed", exc_info=True)
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@dataclass
+class DrainStats:
+    generated: int = 0
+    failed: int = 0
+    posted: int = 0
+    delivery_failures: int = 0
+    lost: int = 0
+    batches: int = 0
+    seconds: float = 0.0
+    by_status: dict[str, int] = field(default_factory=dict)
+
+
+class Worker:
+    def __init__(
+        self,
+        queue: Queue,
+        generator: Generator | None,
+        platforms: Mapping[str, Platform],
+        images_dir: Path,
+        *,
+        owner: str | None = None,
+        batch_size: int = 8,
+        rng: random.Random | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.queue = queue
+        self.generator = generator
+        self.platforms = dict(platforms)
+        self.images_dir = Path(images_dir)
+        self.owner = owner or default_owner()
+        self.batch_size = batch_size
+        self.rng = rng or random.Random()
+        self.sleep = sleep
+        self.stats = DrainStats()
+
+    # ---- generation -----------------------------------------------------------------------
+
+    def generate_batch(self) -> int:
+        """Claim and generate one batch; returns how many requests were claimed."""
+        if self.generator is None:
+            return 0
+        claim = self.queue.claim(self.owner, self.batch_size)
+        if not claim.requests:
+            return 0
+        self.stats.batches += 1
+        jobs = [
+            GenerationJob(r.prompt, r.n_images, r.seed if r.seed is not None else self.rng.randrange(2**31))
+            for r in claim.requests
+        ]
+        try:
+            with LeaseKeeper(self.queue, claim, max(1.0, self.queue.policy.lease_seconds / 3)):
+                images = self.generator.generate(jobs)
+        except Exception as exc:  # the model failed for the whole batch: every request retries
+            _log.exception("generation failed for batch %s", claim.ids)
+            for r in claim.requests:
+                try:
+                    self.queue.fail(claim, r.id, f"generation failed: {exc}")
+                    self.stats.failed += 1
+                except LeaseLost:
+                    self.stats.lost += 1
+            return len(claim)
+        for r, job, imgs in zip(claim.requests, jobs, images, strict=True):
+            folder = self.images_dir / str(r.id)
+            folder.mkdir(parents=True, exist_ok=True)
+            paths = []
+            for k, img in enumerate(imgs):
+                p = folder / f"{k}.png"
+                img.save(p, format="PNG")
+                paths.append(str(p))
+            try:
+                self.queue.complete(claim, r.id, paths, seed=job.seed)
+                self.stats.generated += 1
+                _log.info("generated %d image(s)", len(paths), extra={"request_id": r.id, "action": "generated"})
+            except LeaseLost as exc:
+                self.stats.lost += 1
+                _log.warning("%s", exc, extra={"request_id": r.id})
+        return len(claim)
+
+    # ---- delivery -------------------------------------------------------------------------
+
+    def deliver_batch(self) -> int:
+        claim = self.queue.claim_deliveries(self.owner, self.batch_size, platforms=list(self.platforms))
+        for r in claim.requests:
+            platform = self.platforms[r.platform]
+            try:
+                found = platform.find_delivery(r) if r.id in claim.recovering else None
+                delivery = found or platform.deliver(r, [Path(p) for p in r.image_paths])
+                self.queue.mark_posted(claim, r.id, delivery.reply_id, delivery.reply_url)
+                self.stats.posted += 1
+                _log.info("posted reply %s%s", delivery.reply_id, " (found after a crash)" if found else "",
+                          extra={"request_id": r.id, "action": "posted"})
+            except DeliveryError as exc:
+                self.stats.delivery_failures += 1
+                try:
+                    self.queue.delivery_failed(claim, r.id, str(exc), permanent=exc.permanent,
+                                               retry_after=exc.retry_after)
+                except LeaseLost:
+                    self.stats.lost += 1
+            except LeaseLost:
+                self.stats.lost += 1
+        return len(claim)
+
+    # ---- drain ----------------------------------------------------------------------------
+
+    def drain(self, *, max_wait: float = 30.0, progress: Callable[[DrainStats], None] | None = None) -> DrainStats:
+        """Work until nothing is left that this worker can do, waiting for retries that come due."""
+        t0 = time.monotonic()
+        while True:
+            self.queue.reclaim_expired()
+            n = self.generate_batch()
+            m = self.deliver_batch()
+            if progress and (n or m):
+                progress(self.stats)
+            if n or m:
+                continue
+            pending = self.queue.pending_work()
+            if pending["queued_now"] or pending["deliverable"] or pending["expired_leases"]:
+                continue
+            next_run = pending["next_run_at"]
+            if next_run is None:
+                break
+            wait = (next_run - self.queue.clock()).total_seconds()
+            if wait > max_wait:
+                _log.warning("next retry is due in %.0fs, more than --max-wait; stopping", wait)
+                break
+            self.sleep(max(0.05, wait))
+        self.stats.seconds = time.monotonic() - t0
+        self.stats.by_status = self.queue.stats()
+        return self.stats

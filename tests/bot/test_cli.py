@@ -1,0 +1,91 @@
+"""The CLI as a user runs it: a real process, a real database, one-line errors without tracebacks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def run(*args: str, data: Path, db_url: str | None = None, config: Path | None = None,
+        stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DALLEBOT_")}
+    env["DALLEBOT_DATA_DIR"] = str(data)
+    if db_url:
+        env["DALLEBOT_DATABASE_URL"] = db_url
+    cmd = [sys.executable, "-m", "bot.cli"] + (["--config", str(config)] if config else []) + list(args)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, input=stdin, timeout=120)
+
+
+def assert_one_line_error(p: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, p.stderr
+    assert lines[0].startswith("dallebot: error: ")
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+def test_queue_workflow_and_json_output(tmp_path: Path, db_url: str) -> None:
+    up = run("db", "upgrade", data=tmp_path, db_url=db_url)
+    assert up.returncode == 0, up.stderr
+    add = run("queue", "add", "a red  circle\u200b", "--user", "u1", "--n", "2", "--json", data=tmp_path, db_url=db_url)
+    assert add.returncode == 0, add.stderr
+    req = json.loads(add.stdout)
+    assert req["prompt"] == "a red circle" and req["prompt_raw"] == "a red  circle\u200b" and req["position"] == 0
+    run("queue", "add", "a blue square", "--user", "u2", data=tmp_path, db_url=db_url)
+    stats = json.loads(run("queue", "stats", "--json", data=tmp_path, db_url=db_url).stdout)
+    assert stats["queued"] == 2 and stats["posted"] == 0
+    cancel = run("queue", "cancel", str(req["id"]), "--reason", "test", "--as", "mia", data=tmp_path, db_url=db_url)
+    assert cancel.returncode == 0 and "cancelled" in cancel.stdout
+    show = json.loads(run("queue", "show", str(req["id"]), "--json", data=tmp_path, db_url=db_url).stdout)
+    assert show["status"] == "cancelled" and "lease_token" not in show
+    assert [(a["action"], a["actor"], a["reason"]) for a in show["audit"]] == [
+        ("received", "cli", None), ("cancelled", "moderator:mia", "test")]
+    listed = json.loads(run("queue", "list", "--status", "queued", "--json", data=tmp_path, db_url=db_url).stdout)
+    assert [r["prompt"] for r in listed] == ["a blue square"]
+    ban = run("queue", "ban", "u2", "--reason", "spam", data=tmp_path, db_url=db_url)
+    assert ban.returncode == 0 and "local:u2 is banned" in ban.stdout
+    refused = json.loads(run("queue", "add", "x y", "--user", "u2", "--json", data=tmp_path, db_url=db_url).stdout)
+    assert refused["status"] == "rejected"
+
+
+def test_unknown_request_and_illegal_transition(tmp_path: Path) -> None:
+    assert_one_line_error(run("queue", "show", "4242", data=tmp_path), "no request with id 4242")
+    add = json.loads(run("queue", "add", "a red circle", "--json", data=tmp_path).stdout)
+    run("queue", "cancel", str(add["id"]), data=tmp_path)
+    assert_one_line_error(run("queue", "approve", str(add["id"]), data=tmp_path),
+                          f"cannot approve request {add['id']}", "cancelled")
+
+
+def test_malformed_config_is_one_line_naming_key_and_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("[queue]\nlease_seconds = \"long\"\n")
+    assert_one_line_error(run("queue", "stats", data=tmp_path, config=cfg), "lease_seconds", str(cfg))
+    cfg.write_text("[queue\n")
+    assert_one_line_error(run("queue", "stats", data=tmp_path, config=cfg), "not valid TOML", str(cfg))
+
+
+def test_unreachable_database_at_startup(tmp_path: Path) -> None:
+    p = run("queue", "stats", data=tmp_path, db_url="postgresql+psycopg://postgres@127.0.0.1:1/test")
+    assert_one_line_error(p, "cannot reach the database", "127.0.0.1:1")
+
+
+def test_postgres_schema_must_be_upgraded_explicitly(tmp_path: Path, pg_schema_url: str) -> None:
+    assert_one_line_error(run("queue", "stats", data=tmp_path, db_url=pg_schema_url), "dallebot db upgrade")
+
+
+def test_password_is_hidden_in_errors(tmp_path: Path) -> None:
+    p = run("queue", "stats", data=tmp_path, db_url="postgresql+psycopg://bot:hunter2@127.0.0.1:1/test")
+    assert_one_line_error(p, "***")
+    assert "hunter2" not in p.stderr
+
+
+@pytest.mark.parametrize("prompt", ["", "   ", "\u200b\u200b", "!!!"])
+def test_bad_prompts_are_refused_politely(tmp_path: Path, prompt: str) -> None:
+    assert_one_line_error(run("queue", "add", prompt, data=tmp_path), "Please")
