@@ -70,6 +70,7 @@ import socket
 import struct
 import threading
 import time
+import types
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -350,6 +351,7 @@ class FakeX:
         reject_duplicate_text: bool = True,
         require_summoned_replies: bool = True,
         verify_signatures: bool = True,
+        rate_limits: Mapping[str, tuple[int, int | None]] | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
@@ -362,6 +364,8 @@ class FakeX:
         self.reject_duplicate_text = reject_duplicate_text
         self.require_summoned_replies = require_summoned_replies
         self.verify_signatures = verify_signatures
+        #: Per-route (user, app) limits per 15 minutes; override some in tests.
+        self.rate_limits = {**RATE_LIMITS, **(rate_limits or {})}
         self.host = host
         self.port = port
 
@@ -697,14 +701,16 @@ class FakeX:
             request.method.upper(), oauth_signature.base_string_uri(url),
             oauth_signature.normalize_parameters(collected),
         )
-        expected = oauth_signature.sign_hmac_sha1(base, self.consumer_secret, self.access_token_secret)
+        secrets = types.SimpleNamespace(client_secret=self.consumer_secret,
+                                        resource_owner_secret=self.access_token_secret)
+        expected = oauth_signature.sign_hmac_sha1_with_client(base, secrets)
         if not hmac.compare_digest(expected, params["oauth_signature"]):
             _log.info("OAuth1 signature mismatch for %s %s", request.method, url)
             raise bad
         self._nonces.add(nonce)
 
     def _rate_headers(self, key: str, identity: str, now: float) -> dict[str, str]:
-        user_limit, app_limit = RATE_LIMITS[key]
+        user_limit, app_limit = self.rate_limits[key]
         limit = app_limit if identity == "app" else user_limit
         assert limit is not None  # app context was refused by _authenticate
         start, used = self._windows.get((key, identity), (now, 0))
@@ -784,6 +790,7 @@ class FakeX:
 
     def _timeline(self, request: Request, candidates: list[XTweet], *, forced: Iterable[XTweet] = ()) -> dict:
         q = request.query_params
+        self._render_tweets(request, [])  # validates the field and expansion names even for empty pages
         max_results = q.get("max_results", "10")
         if not max_results.isdigit() or not 5 <= int(max_results) <= 100:
             raise _invalid("max_results", max_results,
