@@ -73,6 +73,7 @@ import logging
 import re
 import secrets
 import struct
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -82,6 +83,7 @@ from aiohttp import WSMsgType, web
 
 __all__ = [
     "FakeDiscord",
+    "FakeDiscordThread",
     "DiscordUser",
     "DiscordGuild",
     "DiscordChannel",
@@ -1301,6 +1303,47 @@ class FakeDiscord:
                     "chunk_index": 0, "chunk_count": 1, "nonce": data.get("nonce"), "not_found": [],
                 })
         self._notify()
+
+
+class FakeDiscordThread:
+    """Run a :class:`FakeDiscord` on its own event loop in a daemon thread, for
+    a bot that owns its event loop (run in another thread or driven by code
+    the test does not control)::
+
+        with FakeDiscordThread() as handle:
+            fake = handle.fake
+            user = handle.call(lambda: fake.add_user("mason"))
+            interaction = handle.call(fake.send_slash_command("dalle", {"prompt": "a cat"}, user=user))
+
+    :meth:`call` runs a coroutine, or a plain callable, on the fake's loop and
+    returns its result; use it for every scripting call, since the fake's
+    state belongs to that loop.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        self._kwargs = kwargs
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="fake-discord", daemon=True)
+        self.fake: FakeDiscord
+
+    def call(self, work: Any, timeout: float = 10.0) -> Any:
+        async def run() -> Any:
+            return await work if asyncio.iscoroutine(work) else work()
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout)
+
+    def __enter__(self) -> FakeDiscordThread:
+        self._thread.start()
+        self.fake = self.call(FakeDiscord(**self._kwargs).start())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.call(self.fake.stop())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+            self.loop.close()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,7 +15,7 @@ import yarl
 from discord import app_commands
 from discord.gateway import DiscordWebSocket
 
-from bot.fakes.discord_server import FakeDiscord, FakeInteraction, Permissions
+from bot.fakes.discord_server import FakeDiscord, FakeDiscordThread, FakeInteraction, Permissions
 from tests.e2e.conftest import make_png
 
 TIMEOUT = 5.0
@@ -326,3 +326,21 @@ async def test_unknown_routes_are_recorded(fake: FakeDiscord, bot: DalleTestBot)
     with pytest.raises(discord.NotFound):
         await bot.http.request(discord.http.Route("GET", "/voice/regions"))
     assert fake.requests[-1].route == "unhandled"
+
+
+async def test_fake_in_its_own_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    with FakeDiscordThread() as handle:
+        fake = handle.fake
+        monkeypatch.setattr(discord.http.Route, "BASE", fake.api_base)
+        monkeypatch.setattr(DiscordWebSocket, "DEFAULT_GATEWAY", yarl.URL(fake.gateway_url))
+        client = DalleTestBot(int(fake.guild.id))
+        task = await _start(client, fake.token)
+        try:
+            user = handle.call(lambda: fake.add_user("mason"))
+            sent = await asyncio.to_thread(handle.call, fake.send_slash_command("dalle", {"prompt": "x"}, user=user))
+            interaction, _ = await asyncio.wait_for(client.received.get(), TIMEOUT)
+            await interaction.response.defer()
+            assert handle.call(lambda: sent.callbacks) == [{"type": 5}]
+        finally:
+            await client.close()
+            await asyncio.wait_for(task, TIMEOUT)
