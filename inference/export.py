@@ -108,17 +108,31 @@ class EncoderGraph(nn.Module):
 
 
 class DecoderStepGraph(nn.Module):
-    """(token, position, text_mask, past K/V x 2L, cross K/V x 2L) -> (logits, new_kv)."""
+    """(token, position, text_mask, past K/V x 2L, cross K/V x 2L) -> (logits, new_kv).
 
-    def __init__(self, decoder: DalleBartDecoder) -> None:
+    With ``present=True`` it returns (logits, present K/V x 2L) instead: the past caches with
+    column t replaced. That costs a copy of the cache per step, cheap on a GPU, and lets the runtime
+    keep the caches on the device (it swaps two buffer sets); CPU bundles use new_kv and in-place
+    numpy writes.
+    """
+
+    def __init__(self, decoder: DalleBartDecoder, present: bool = False) -> None:
         super().__init__()
         self.decoder = decoder
         self.layers = decoder.cfg.decoder_layers
+        self.present = present
 
     def forward(self, token: torch.Tensor, position: torch.Tensor, text_mask: torch.Tensor,
-                *kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                *kv: torch.Tensor) -> tuple[torch.Tensor, ...]:
         n = 2 * self.layers
-        return self.decoder.step(token, position, list(kv[:n]), list(kv[n:]), text_mask)
+        past = list(kv[:n])
+        logits, new_kv = self.decoder.step(token, position, past, list(kv[n:]), text_mask)
+        if not self.present:
+            return logits, new_kv
+        cols = torch.arange(self.decoder.cfg.image_length, device=token.device)
+        at_t = (cols == position).view(1, 1, -1, 1)                                   # (1, 1, N, 1)
+        present = [torch.where(at_t, new_kv[i // 2, i % 2][:, :, None, :], p) for i, p in enumerate(past)]
+        return (logits, *present)
 
 
 class VQGANGraph(nn.Module):
@@ -177,10 +191,22 @@ def export_graph(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, 
     return files
 
 
-def export_graphs(parts: ModelParts, out_dir: Path, dtype: str = "float32", progress: bool = True) -> list[str]:
-    """Write encoder/decoder/vqgan ONNX graphs into out_dir; returns the file names written."""
+CACHE_MODES = ("inplace", "present")
+
+
+def export_graphs(parts: ModelParts, out_dir: Path, dtype: str = "float32", cache: str = "auto",
+                  progress: bool = True, report: dict[str, Any] | None = None) -> list[str]:
+    """Write encoder/decoder/vqgan ONNX graphs into out_dir; returns the file names written.
+
+    cache: "inplace" (decoder returns new_kv; best on CPU), "present" (returns updated caches; for
+    GPUs) or "auto" (present for float16, else inplace).
+    """
     if dtype not in DTYPES:
         raise InferenceError(f"--dtype must be one of {', '.join(DTYPES)}")
+    if cache == "auto":
+        cache = "present" if dtype == "float16" else "inplace"
+    if cache not in CACHE_MODES:
+        raise InferenceError(f"cache mode must be one of auto, {', '.join(CACHE_MODES)}")
     cfg = parts.config
     parts.eval()
     encoder, decoder = parts.encoder, parts.decoder
@@ -194,7 +220,9 @@ def export_graphs(parts: ModelParts, out_dir: Path, dtype: str = "float32", prog
     specs = [
         ("encoder", EncoderGraph(encoder, decoder), list(ENCODER_INPUTS), list(ENCODER_OUTPUTS),
          (rows, rows)),
-        ("decoder", DecoderStepGraph(decoder), [*DECODER_FIXED_INPUTS, *kv_names], list(DECODER_OUTPUTS),
+        ("decoder", DecoderStepGraph(decoder, present=cache == "present"), [*DECODER_FIXED_INPUTS, *kv_names],
+         ["logits", *(n.replace("past_", "present_") for n in kv_names[:2 * cfg.decoder_layers])]
+         if cache == "present" else list(DECODER_OUTPUTS),
          (rows, None, rows, tuple(rows for _ in kv_names))),
         ("vqgan", VQGANGraph(parts.vqgan), list(VQGAN_INPUTS), list(VQGAN_OUTPUTS), (rows,)),
     ]
@@ -205,7 +233,7 @@ def export_graphs(parts: ModelParts, out_dir: Path, dtype: str = "float32", prog
         _log.info("exported %s in %.1f s", part, time.perf_counter() - t0)
         written += [f.name for f in files]
     if dtype == "int8":
-        written = _quantize_dynamic(out_dir, written, progress)
+        written = _quantize_dynamic(out_dir, written, progress, cfg, report if report is not None else {})
     return written
 
 
@@ -220,8 +248,10 @@ def _half_copy(module: nn.Module) -> nn.Module:
     return m
 
 
-def _quantize_dynamic(out_dir: Path, written: list[str], progress: bool) -> list[str]:
-    """int8 weights for every MatMul of the encoder and decoder (the VQGAN stays float32)."""
+def _quantize_dynamic(out_dir: Path, written: list[str], progress: bool, cfg: ModelConfig,
+                      report: dict[str, Any]) -> list[str]:
+    """int8 weights for every MatMul of the encoder and decoder (the VQGAN stays float32).
+    Fills ``report`` with the decoder step's logit difference and time, int8 vs float32."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     for part in tqdm(("encoder", "decoder"), desc="quantise int8", disable=not progress):
@@ -234,15 +264,62 @@ def _quantize_dynamic(out_dir: Path, written: list[str], progress: bool) -> list
             # large graphs (DALL·E Mega) keep external data: int8 weights are then written to `data`
             quantize_dynamic(fp32, graph, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
                              per_channel=False, use_external_data_format=had_data)
+        if part == "decoder":
+            report.update(compare_decoder_graphs(fp32, graph, cfg))
         fp32.unlink()
     return [f for f in written if (out_dir / f).exists()]
+
+
+def compare_decoder_graphs(reference: Path, candidate: Path, cfg: ModelConfig, rows: int = 2,
+                           repeats: int = 3) -> dict[str, float]:
+    """Run two decoder-step graphs on the same random state: max |logit difference| and ms per step."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from .bundle import decoder_kv_inputs
+
+    rng = np.random.default_rng(0)
+    ex = example_inputs(cfg, rows)["decoder"]
+    names = [*DECODER_FIXED_INPUTS, *decoder_kv_inputs(cfg.decoder_layers)]
+    feed = {n: t.numpy() for n, t in zip(names, ex)}
+    feed["position"] = np.array([cfg.image_length // 2], dtype=np.int64)
+    for n in names[3:]:
+        feed[n] = rng.standard_normal(feed[n].shape).astype(np.float32)
+    out, ms = {}, {}
+    for label, path in (("fp32", reference), ("int8", candidate)):
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        sess.run(["logits"], feed)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            out[label] = sess.run(["logits"], feed)[0]
+        ms[label] = (time.perf_counter() - t0) / repeats * 1000
+    return {"max_abs_logit_diff": float(np.abs(out["fp32"] - out["int8"]).max()),
+            "logit_std": float(out["fp32"].std()), "fp32_step_ms": ms["fp32"], "int8_step_ms": ms["int8"],
+            "rows": rows}
+
+
+PLACEHOLDER_CORPUS = ("a painting of a cat sitting on a chair in the sun, oil on canvas; an astronaut riding a "
+                      "horse on the moon. the quick brown fox jumps over the lazy dog 0123456789")
+
+
+def placeholder_tokenizer(folder: str | Path) -> Path:
+    """A small byte-level BPE (BART special tokens first) for random-weight bundles, trained locally."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator([PLACEHOLDER_CORPUS] * 8, vocab_size=400, min_frequency=1, show_progress=False,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    tok.save_model(str(folder))
+    return folder
 
 
 def export_bundle(parts: ModelParts, tokenizer_dir: str | Path, out_dir: str | Path, *, name: str,
                   dtype: str = "float32", sampling: SamplingDefaults | None = None,
                   provenance: dict[str, Any] | None = None, license: str = "unknown",
                   description: str = "", random_weights: bool = False, overwrite: bool = False,
-                  progress: bool = True) -> Bundle:
+                  cache: str = "auto", progress: bool = True) -> Bundle:
     """Write a complete bundle (graphs, vocab.json + merges.txt from ``tokenizer_dir``, manifest).
 
     ``tokenizer_dir`` may also hold ``enwiki-words-frequency.txt`` (dalle-mini's hashtag splitter),
@@ -258,13 +335,14 @@ def export_bundle(parts: ModelParts, tokenizer_dir: str | Path, out_dir: str | P
             raise InferenceError(f"{out} exists and is not empty; choose a new --out folder or remove it")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    files = export_graphs(parts, out, dtype, progress)
+    report: dict[str, Any] = {}
+    files = export_graphs(parts, out, dtype, cache, progress, report)
     for f in [*TOKENIZER_FILES.values(), WORD_FREQUENCY_FILE]:
         if (tok / f).is_file():
             shutil.copyfile(tok / f, out / f)
             files.append(f)
     prov = {"exported_with": f"torch {torch.__version__}", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            **(provenance or {})}
+            **(provenance or {}), **({"int8_report": report} if report else {})}
     write_manifest(out, name=name, model=parts.config, vqgan=parts.vqgan_config, dtype=dtype,
                    sampling=sampling or SamplingDefaults(), provenance=prov, license=license,
                    random_weights=random_weights, files=files, description=description)

@@ -1,0 +1,5 @@
+"""placeholder"""
+import click
+@click.command()
+def bench_inference() -> None:
+    pass

@@ -1,0 +1,313 @@
+"""The serving runtime: prompts -> images with ONNX Runtime alone (no torch import).
+
+Public API::
+
+    from inference.pipeline import Pipeline
+    from inference.images import make_grid, upscale, png_bytes
+
+    pipe = Pipeline.load("bundles/dalle-mini", threads=0, provider="auto")   # verifies the bundle
+    images = pipe.generate(["a red circle", "a blue star"], n_images=4, seeds=[1, 2],
+                           condition_scale=10.0, top_k=50, top_p=1.0, temperature=1.0)
+    # -> [[4 PIL images for prompt 0], [4 for prompt 1]], all 8 images in one decoder batch
+    post = make_grid(images[0])                                   # 2x2 grid
+
+``n_images`` may be a list (one count per prompt); ``seeds`` one int per prompt (the same prompt,
+seed and image index always give the same image, whatever else is in the batch) or None (random
+seeds, see ``Pipeline.last_seeds``). Unset sampling settings come from the bundle's manifest.
+``Pipeline.prepare(prompts)`` normalises and tokenises without generating, so a caller can reject
+empty prompts or warn about truncated ones first; both ``generate`` and ``prepare`` raise
+``PromptError`` for a prompt that is empty after normalisation.
+
+How a request runs: the encoder graph sees the unconditional row once plus one row per prompt and
+returns every layer's cross-attention keys/values; rows are then laid out as 2B decoder rows
+(B unconditional, then B conditional); the decoder graph runs image_length steps with a
+self-attention KV cache held in preallocated buffers bound once with IO binding (per step only the
+position changes and the new keys/values are copied into column t); numpy does guidance and sampling;
+the VQGAN graph turns codes into pixels.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+from .bundle import (
+    DECODER_OUTPUTS, ENCODER_INPUTS, GRAPHS, TOKENIZER_FILES, VQGAN_INPUTS, WORD_FREQUENCY_FILE, Bundle,
+    decoder_kv_inputs,
+)
+from .errors import BundleError, InferenceError, PromptError
+from .images import to_pil
+from .sampling import SamplingParams, guide, image_uniforms, sample
+from .text import HashtagSplitter, TextNormalizer
+from .tokenizer import BartTokenizer
+
+_log = logging.getLogger(__name__)
+
+MAX_PROMPT_CHARS = 2000   # longer input is cut before normalisation (it would be truncated anyway)
+
+
+@dataclass(frozen=True)
+class PreparedPrompt:
+    text: str              # as given
+    normalized: str        # after dalle-mini's normaliser
+    ids: np.ndarray        # (T,) int64
+    mask: np.ndarray       # (T,) int64
+    truncated: int         # BPE pieces dropped to fit the model's text length
+
+
+def available_providers() -> list[str]:
+    return ort.get_available_providers()
+
+
+def _providers(provider: str) -> list[str]:
+    have = ort.get_available_providers()
+    if provider == "auto":
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"] if "CUDAExecutionProvider" in have \
+            else ["CPUExecutionProvider"]
+    name = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}.get(provider)
+    if name is None:
+        raise InferenceError(f"unknown provider {provider!r}; use auto, cpu or cuda")
+    if name not in have:
+        raise InferenceError(f"provider {provider} is not available in this onnxruntime (have: {', '.join(have)}); "
+                             "install onnxruntime-gpu for cuda, or use --provider cpu")
+    return [name, "CPUExecutionProvider"] if name != "CPUExecutionProvider" else [name]
+
+
+class Pipeline:
+    def __init__(self, bundle: Bundle, sessions: dict[str, ort.InferenceSession], tokenizer: BartTokenizer,
+                 normalizer: TextNormalizer, device: str) -> None:
+        self.bundle = bundle
+        self.config = bundle.model
+        self.sessions = sessions
+        self.tokenizer = tokenizer
+        self.normalizer = normalizer
+        self.device = device                     # "cpu" or "cuda": where the decoder's caches live
+        self.last_seeds: list[int] = []
+        dec = sessions["decoder"]
+        self._kv_dtype = np.float16 if dec.get_inputs()[3].type == "tensor(float16)" else np.float32
+        self._present = any(o.name.startswith("present_") for o in dec.get_outputs())
+
+    # ----------------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, bundle_dir: str | Path, *, threads: int = 0, provider: str = "auto", verify: bool = True
+             ) -> "Pipeline":
+        """Open and verify a bundle and create the three sessions.
+
+        threads: intra-op threads per session (0 = onnxruntime's default, all cores).
+        provider: "auto" (CUDA when onnxruntime-gpu sees a GPU, else CPU), "cpu" or "cuda".
+        verify: re-hash every file against the manifest (set False only for trusted, large bundles).
+        """
+        bundle = Bundle.open(bundle_dir, verify=verify)
+        providers = _providers(provider)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        sessions = {}
+        for part in GRAPHS:
+            # the VQGAN is float32 and its convolutions are fast on CPU too, but use the same device
+            try:
+                sessions[part] = ort.InferenceSession(str(bundle.graph(part)), opts, providers=providers)
+            except Exception as e:  # onnxruntime raises its own exception types for unreadable graphs
+                raise BundleError(f"onnxruntime cannot load {bundle.graph(part)} ({str(e).splitlines()[0][:200]}); "
+                                  "re-export the bundle") from None
+        cfg = bundle.model
+        tok = BartTokenizer(bundle.path(TOKENIZER_FILES["vocab"]), bundle.path(TOKENIZER_FILES["merges"]),
+                            text_length=cfg.text_length, bos_id=cfg.text_bos_id, pad_id=cfg.text_pad_id,
+                            eos_id=cfg.text_eos_id)
+        if tok.vocab_size > cfg.text_vocab_size:
+            raise BundleError(f"vocab.json has {tok.vocab_size} tokens but the encoder only {cfg.text_vocab_size} rows; "
+                              "the bundle's tokenizer does not belong to its model")
+        hashtags = HashtagSplitter.from_file(bundle.path(WORD_FREQUENCY_FILE)) if bundle.has(WORD_FREQUENCY_FILE) else None
+        device = "cuda" if sessions["decoder"].get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        _log.info("loaded bundle %s (%s, %s) on %s", bundle.name, cfg.d_model, bundle.dtype, device)
+        return cls(bundle, sessions, tok, TextNormalizer(hashtags), device)
+
+    def sampling_params(self, **overrides: Any) -> SamplingParams:
+        """Manifest defaults, with the given non-None settings on top."""
+        d = self.bundle.sampling.to_dict()
+        d.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return SamplingParams(**d)
+        except (TypeError, ValueError) as e:
+            raise InferenceError(f"bad sampling settings: {e}") from None
+
+    # ----------------------------------------------------------------------------------------------
+    def prepare(self, prompts: Sequence[str]) -> list[PreparedPrompt]:
+        out = []
+        for i, text in enumerate(prompts):
+            if not isinstance(text, str):
+                raise PromptError(f"prompt {i} is not text")
+            norm = self.normalizer(text[:MAX_PROMPT_CHARS])
+            if not norm.strip(" ,\""):
+                raise PromptError(f"prompt {i} ({text[:40]!r}) is empty after normalisation: "
+                                  "write a few words the model can read (Latin, Greek or Cyrillic letters)")
+            enc = self.tokenizer.encode(norm)
+            if enc.truncated:
+                _log.warning("prompt %d is too long for the model (%d text tokens): %d tokens were dropped",
+                             i, self.config.text_length, enc.truncated)
+            out.append(PreparedPrompt(text, norm, enc.ids, enc.mask, enc.truncated))
+        return out
+
+    def generate(self, prompts: Sequence[str], n_images: int | Sequence[int] = 1,
+                 seeds: int | Sequence[int] | None = None, *, condition_scale: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None, temperature: float | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> list[list[Image.Image]]:
+        """Images for each prompt, all in one encoder, decoder and VQGAN batch (see module doc)."""
+        codes = self.generate_codes(prompts, n_images, seeds, condition_scale=condition_scale, top_k=top_k,
+                                    top_p=top_p, temperature=temperature, progress=progress)
+        images = self.decode(np.concatenate(codes)) if codes else []
+        out, at = [], 0
+        for c in codes:
+            out.append(images[at:at + len(c)])
+            at += len(c)
+        return out
+
+    def generate_codes(self, prompts: Sequence[str], n_images: int | Sequence[int] = 1,
+                       seeds: int | Sequence[int] | None = None, *, condition_scale: float | None = None,
+                       top_k: int | None = None, top_p: float | None = None, temperature: float | None = None,
+                       progress: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
+        """Like ``generate`` but returns the image codes: one (n_images, N) int64 array per prompt."""
+        if isinstance(prompts, str):
+            raise PromptError("prompts must be a list of strings, not one string")
+        if not prompts:
+            return []
+        counts = [n_images] * len(prompts) if isinstance(n_images, int) else list(n_images)
+        if len(counts) != len(prompts) or any(n < 1 for n in counts):
+            raise InferenceError("n_images must be >= 1, one count per prompt")
+        if seeds is None:
+            seeds = [secrets.randbits(31) for _ in prompts]
+        elif isinstance(seeds, int):
+            seeds = [seeds] * len(prompts)
+        seeds = [int(s) for s in seeds]
+        if len(seeds) != len(prompts):
+            raise InferenceError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
+        self.last_seeds = seeds
+        params = self.sampling_params(condition_scale=condition_scale, top_k=top_k, top_p=top_p,
+                                      temperature=temperature)
+        prepared = self.prepare(prompts)
+        cfg = self.config
+        n_steps = cfg.image_length
+        uniforms = np.concatenate([image_uniforms([s], n, n_steps) for s, n in zip(seeds, counts)])  # (B, N)
+
+        # Encoder: row 0 = unconditional, row 1 + p = prompt p.
+        uncond = self.tokenizer.unconditional()
+        ids = np.stack([uncond.ids, *(p.ids for p in prepared)])
+        mask = np.stack([uncond.mask, *(p.mask for p in prepared)])
+        cross_small = self.sessions["encoder"].run(None, dict(zip(ENCODER_INPUTS, (ids, mask))))[0]
+        b = sum(counts)
+        rows = np.array([0] * b + [1 + p for p, n in enumerate(counts) for _ in range(n)])
+        cross_kv = np.ascontiguousarray(cross_small[:, :, rows])        # (L, 2, R, H, T, Dh)
+        text_mask = np.ascontiguousarray(mask[rows])                    # (R, T)
+        run = self._decode_present if self._present else self._decode_inplace
+        codes = run(cross_kv, text_mask, uniforms, params, progress)   # (B, N)
+        return np.split(codes, np.cumsum(counts)[:-1])
+
+    # ----------------------------------------------------------------------------------------------
+    def _decode_inplace(self, cross_kv: np.ndarray, text_mask: np.ndarray, uniforms: np.ndarray,
+                        params: SamplingParams, progress: Callable[[int, int], None] | None) -> np.ndarray:
+        """Decoder loop for graphs that return only this step's K/V: the cache is one numpy array
+        whose per-layer slices are bound as inputs once; step t copies new_kv into column t."""
+        cfg, sess = self.config, self.sessions["decoder"]
+        layers, _, r, h, _, dh = cross_kv.shape
+        b, n_steps = r // 2, cfg.image_length
+        cache = np.zeros((layers, 2, r, h, n_steps, dh), dtype=self._kv_dtype)   # (L, 2, R, H, N, Dh)
+        token = np.full(r, cfg.decoder_start_token_id, dtype=np.int64)
+        position = np.zeros(1, dtype=np.int64)
+        logits = np.empty((r, cfg.decoder_vocab_size), dtype=np.float32)
+        new_kv = np.empty((layers, 2, r, h, dh), dtype=self._kv_dtype)
+        kv = [cache[i, j] for i in range(layers) for j in range(2)] + \
+             [cross_kv[i, j].astype(self._kv_dtype, copy=False) for i in range(layers) for j in range(2)]
+        io = sess.io_binding()
+        for name, arr in [("token", token), ("position", position), ("text_mask", text_mask),
+                          *zip(decoder_kv_inputs(layers), kv)]:
+            _bind(io.bind_input, name, arr)
+        for name, arr in zip(DECODER_OUTPUTS, (logits, new_kv)):
+            _bind(io.bind_output, name, arr)
+        codes = np.empty((b, n_steps), dtype=np.int64)
+        for t in range(n_steps):
+            position[0] = t
+            sess.run_with_iobinding(io)
+            cache[:, :, :, :, t] = new_kv
+            codes[:, t] = sample(guide(logits, cfg.num_codes, params.condition_scale), uniforms[:, t], params)
+            token[:b] = token[b:] = codes[:, t]
+            if progress:
+                progress(t + 1, n_steps)
+        return codes
+
+    def _decode_present(self, cross_kv: np.ndarray, text_mask: np.ndarray, uniforms: np.ndarray,
+                        params: SamplingParams, progress: Callable[[int, int], None] | None) -> np.ndarray:
+        """Decoder loop for graphs that return the updated caches (``present_*``): two sets of cache
+        buffers on the session's device, swapped each step; two IO bindings prepared once."""
+        cfg, sess = self.config, self.sessions["decoder"]
+        layers, _, r, h, _, dh = cross_kv.shape
+        b, n_steps = r // 2, cfg.image_length
+        dev = self.device
+        zeros = np.zeros((r, h, n_steps, dh), dtype=self._kv_dtype)
+        bufs = [[ort.OrtValue.ortvalue_from_numpy(zeros, dev, 0) for _ in range(2 * layers)] for _ in range(2)]
+        cross = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(cross_kv[i, j], dtype=self._kv_dtype), dev, 0)
+                 for i in range(layers) for j in range(2)]
+        token = np.full(r, cfg.decoder_start_token_id, dtype=np.int64)
+        position = np.zeros(1, dtype=np.int64)
+        logits = np.empty((r, cfg.decoder_vocab_size), dtype=np.float32)
+        names = decoder_kv_inputs(layers)
+        present = [n.replace("past_", "present_") for n in names[:2 * layers]]
+        bindings = []
+        for src, dst in ((0, 1), (1, 0)):
+            io = sess.io_binding()
+            for name, arr in [("token", token), ("position", position), ("text_mask", text_mask)]:
+                _bind(io.bind_input, name, arr)
+            for name, val in zip(names, bufs[src] + cross):
+                io.bind_ortvalue_input(name, val)
+            _bind(io.bind_output, "logits", logits)
+            for name, val in zip(present, bufs[dst]):
+                io.bind_ortvalue_output(name, val)
+            bindings.append(io)
+        codes = np.empty((b, n_steps), dtype=np.int64)
+        for t in range(n_steps):
+            position[0] = t
+            io = bindings[t % 2]
+            io.synchronize_inputs()
+            sess.run_with_iobinding(io)
+            io.synchronize_outputs()
+            codes[:, t] = sample(guide(logits, cfg.num_codes, params.condition_scale), uniforms[:, t], params)
+            token[:b] = token[b:] = codes[:, t]
+            if progress:
+                progress(t + 1, n_steps)
+        return codes
+
+    # ----------------------------------------------------------------------------------------------
+    def decode_pixels(self, codes: np.ndarray, batch: int = 8) -> np.ndarray:
+        """codes (B, N) -> pixels (B, S, S, 3) float32 in [0, 1], in chunks of ``batch`` images."""
+        codes = np.asarray(codes, dtype=np.int64)
+        if codes.ndim != 2 or codes.shape[1] != self.config.image_length:
+            raise InferenceError(f"codes must be (B, {self.config.image_length})")
+        if codes.size and (codes.min() < 0 or codes.max() >= self.bundle.vqgan.n_embed):
+            raise InferenceError(f"codes must lie in 0..{self.bundle.vqgan.n_embed - 1}")
+        sess = self.sessions["vqgan"]
+        return np.concatenate([sess.run(None, {VQGAN_INPUTS[0]: codes[i:i + batch]})[0]
+                               for i in range(0, len(codes), batch)])
+
+    def decode(self, codes: np.ndarray) -> list[Image.Image]:
+        return to_pil(self.decode_pixels(codes))
+
+
+def _bind(method: Callable[..., None], name: str, arr: np.ndarray) -> None:
+    """Bind a contiguous numpy array by address: onnxruntime reads/writes it in place on every run."""
+    if not arr.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous to be bound")
+    method(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
