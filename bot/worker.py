@@ -21,6 +21,7 @@ from pathlib import Path
 from bot.generation import GenerationJob, Generator
 from bot.platforms.base import DeliveryError, Platform
 from storage.errors import LeaseLost
+from storage.moderators import generation_paused
 from storage.queue import Queue
 from storage.records import Claim
 
@@ -95,6 +96,8 @@ class Worker:
 
     def generate_batch(self) -> int:
         """Claim and generate one batch; returns how many requests were claimed."""
+        if generation_paused(self.queue):  # a moderator paused generation: requests wait in the queue
+            return 0
         if self.generator is None:
             return 0
         claim = self.queue.claim(self.owner, self.batch_size)

@@ -152,3 +152,64 @@ class Cursor(Base):
     name: Mapped[str] = mapped_column(String(128), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime)
+
+
+# ---- moderator dashboard (issue 7): accounts, sessions, login attempts, switches ----------------
+
+# The queue log filtered by status, newest first (the dashboard's commonest query): one index range.
+Index("ix_requests_status_id", Request.__table__.c.status, Request.__table__.c.id)
+
+
+class Moderator(Base):
+    """A dashboard account. ``password_hash`` is an argon2id hash (argon2-cffi's PHC string)."""
+
+    __tablename__ = "moderators"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    last_login_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+
+
+class ModeratorSession(Base):
+    """A logged-in browser. ``id`` is the SHA-256 of the cookie's random token (the token itself is
+    never stored), so a leaked table does not hand out sessions; deleting a row logs it out."""
+
+    __tablename__ = "moderator_sessions"
+    __table_args__ = (Index("ix_moderator_sessions_moderator", "moderator_id"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    moderator_id: Mapped[int] = mapped_column(ForeignKey("moderators.id", ondelete="CASCADE"))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    last_seen_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    expires_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    flash: Mapped[str | None] = mapped_column(Text)  # one message shown on the next page
+
+
+class LoginAttempt(Base):
+    """Every dashboard login attempt, for throttling by name and by client address."""
+
+    __tablename__ = "login_attempts"
+    __table_args__ = (
+        Index("ix_login_attempts_name", "name", "id"),
+        Index("ix_login_attempts_ip", "ip", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64))
+    ip: Mapped[str] = mapped_column(String(64))
+    ok: Mapped[bool] = mapped_column(Boolean)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime)
+
+
+class Switch(Base):
+    """Operator switches such as ``intake_paused`` and ``generation_paused`` (absent means off)."""
+
+    __tablename__ = "switches"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[bool] = mapped_column(Boolean)
+    updated_by: Mapped[str] = mapped_column(String(160))
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime)

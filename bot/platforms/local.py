@@ -13,8 +13,9 @@ import shutil
 import uuid
 from pathlib import Path
 
-from bot.intake import validate_prompt
+from bot.intake import PromptRejected, validate_prompt
 from bot.platforms.base import Delivery
+from storage.moderators import intake_paused
 from storage.queue import Queue
 from storage.records import EnqueueResult, NewRequest, RequestRecord
 
@@ -40,6 +41,8 @@ class LocalPlatform:
         external_id: str | None = None,
         actor: str = "intake:local",
     ) -> EnqueueResult:
+        if intake_paused(queue):
+            raise PromptRejected("The bot is paused right now and is not taking new requests; please try again later.")
         normalised = validate_prompt(prompt, max_chars=max_chars)
         return queue.enqueue(
             NewRequest(
