@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Iterator
 
@@ -161,8 +162,9 @@ def test_upload_with_wrong_secret_is_rejected(fake: FakeX, client: tweepy.Client
 def test_rate_limit_headers_on_every_response(fake: FakeX) -> None:
     raw = tweepy.Client(**fake.credentials(), return_type=requests.Response)
     mount_fake_x(raw.session, fake.base_url)
-    first = raw.get_users_mentions(fake.bot.id)
-    second = raw.get_users_mentions(fake.bot.id)
+    with raw.session:
+        first = raw.get_users_mentions(fake.bot.id)
+        second = raw.get_users_mentions(fake.bot.id)
     assert first.headers["x-rate-limit-limit"] == "450"  # app context
     assert int(first.headers["x-rate-limit-remaining"]) == int(second.headers["x-rate-limit-remaining"]) + 1
     assert int(first.headers["x-rate-limit-reset"]) > time.time()
@@ -295,8 +297,6 @@ def test_transport_refuses_other_hosts(fake: FakeX, client: tweepy.Client,
 
 
 def test_wait_for_sees_requests_from_other_threads(fake: FakeX, client: tweepy.Client) -> None:
-    import threading
-
     worker = threading.Thread(target=client.get_users_mentions, args=(fake.bot.id,))
     worker.start()
     request = fake.wait_for(lambda f: f.requests_to("GET /2/users/:id/mentions"), timeout=5)
