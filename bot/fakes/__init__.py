@@ -5,7 +5,8 @@
   client's ``requests`` session.
 * :mod:`bot.fakes.discord_server`: ``FakeDiscord``, Discord REST v10 plus the
   gateway websocket (aiohttp), reached through discord.py's ``Route.BASE`` and
-  ``DiscordWebSocket.DEFAULT_GATEWAY``.
+  ``DiscordWebSocket.DEFAULT_GATEWAY``; its records (what the bot sent, the
+  guilds and users) are in :mod:`bot.fakes.discord_records`.
 
 Both bind 127.0.0.1 on an ephemeral port by default, keep all state in memory,
 record what the bot sent, and can inject 429s, 5xx, duplicates and expiry.
