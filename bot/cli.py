@@ -295,10 +295,14 @@ def bench() -> None:
 
 
 def _attach_plugins() -> None:
+    from bot.bench_dashboard import bench_dashboard
     from bot.bench_queue import bench_queue
+    from bot.cli_moderator import moderator
     from inference import cli as inference_cli
 
     bench.add_command(bench_queue, "queue")
+    cli.add_command(moderator)
+    bench.add_command(bench_dashboard, "dashboard")
     inference_cli.register(cli, bench)
     try:
         from inference.shapes import cli as shapes_cli

@@ -1,0 +1,1 @@
+"""The moderator dashboard served by `dallebot serve` (see :mod:`bot.dashboard.app`)."""

@@ -1,0 +1,388 @@
+"""The moderator dashboard: the queue log, request detail, the held-for-review inbox, moderator
+actions, bans, the pause switches, live counters and a prompt box on the local platform.
+
+Every route but ``/login`` (and ``/static``, ``/healthz``, ``/metrics``, served by :mod:`bot.web`)
+needs a session; every POST needs a valid CSRF token (:class:`Dashboard.guard`). Moderator actions go
+through :mod:`bot.moderation`, the one place that decides what they do, with ``moderator:<name>`` as
+the actor in the audit log. Database calls run in worker threads, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
+
+from starlette.datastructures import FormData, QueryParams
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from bot import moderation
+from bot.dashboard import auth
+from bot.dashboard.render import STATIC_DIR, make_templates
+from bot.intake import PromptRejected
+from storage import states
+from storage.errors import IllegalTransition, NotFound, StorageError
+from storage.models import utcnow
+from storage.moderators import SWITCHES, LoginPolicy, Moderators, PasswordHasher, SessionRecord, Switches, activity
+from storage.states import Status
+
+if TYPE_CHECKING:  # hints only: the web layer is handed an App by bot.web, it never builds one
+    from bot.app import App
+
+_log = logging.getLogger(__name__)
+
+PAGE_SIZE = 50
+IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
+ACTION_TARGETS = {"approve": None, "reject": Status.REJECTED, "requeue": Status.QUEUED,
+                  "cancel": Status.CANCELLED, "hold": Status.HELD}
+
+
+@dataclass
+class Visit:
+    """What the guard learned about one request."""
+
+    session: SessionRecord | None
+    seed: str | None  # the session (or pre-session) token that the CSRF token is derived from
+    new_pre: str | None = None  # a pre-session token to set as a cookie
+    form: FormData | None = None
+
+    @property
+    def actor(self) -> str:
+        assert self.session is not None
+        return self.session.moderator.actor
+
+    def field(self, name: str, limit: int = 2000) -> str:
+        value = self.form.get(name) if self.form is not None else None
+        return value.strip()[:limit] if isinstance(value, str) else ""
+
+
+Handler = Callable[[Request, Visit], Awaitable[Response]]
+
+
+def _run(fn: Callable[..., Any], *args: Any, **kw: Any) -> Awaitable[Any]:
+    return asyncio.to_thread(fn, *args, **kw)
+
+
+class Dashboard:
+    def __init__(
+        self,
+        app: App,
+        *,
+        clock: Callable[[], dt.datetime] = utcnow,
+        hasher: PasswordHasher | None = None,
+        login_policy: LoginPolicy | None = None,
+        refresh_ms: int = 3000,
+    ) -> None:
+        self.app = app
+        self.clock = clock
+        self.mods = Moderators(app.queue, clock=clock, hasher=hasher, policy=login_policy)
+        self.switches = Switches(app.queue, clock=clock)
+        self.signer = auth.Signer(auth.load_secret(app.settings.server.session_secret, app.settings.data_dir))
+        self.templates = make_templates()
+        self.refresh_ms = refresh_ms
+        self.image_roots = [Path(app.settings.images_dir).resolve(), Path(app.settings.outbox_dir).resolve()]
+
+    # ---- guard, rendering, redirects ---------------------------------------------------------
+
+    def guard(self, handler: Handler, *, login: bool = True) -> Callable[[Request], Awaitable[Response]]:
+        """Wrap a handler: load the session (redirect to /login without one), check CSRF on POST."""
+
+        async def endpoint(request: Request) -> Response:
+            token = self.signer.unsign(request.cookies.get(auth.SESSION_COOKIE))
+            session = await _run(self.mods.session, token) if token else None
+            visit = Visit(session=session, seed=token if session else None)
+            if session is None:
+                if login:
+                    if request.method not in ("GET", "HEAD"):
+                        return PlainTextResponse("Log in first.", status_code=403)
+                    if request.url.path.startswith("/api/"):
+                        return JSONResponse({"error": "login required"}, status_code=401)
+                    here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+                    return RedirectResponse("/login?" + urlencode({"next": here}), status_code=303)
+                visit.seed = self.signer.unsign(request.cookies.get(auth.PRE_COOKIE))
+                if visit.seed is None and request.method in ("GET", "HEAD"):
+                    visit.seed = visit.new_pre = secrets.token_urlsafe(32)
+            if request.method == "POST":
+                form = await request.form()
+                given = form.get(auth.CSRF_FIELD) or request.headers.get(auth.CSRF_HEADER)
+                if not auth.same_origin(request) or not self.signer.csrf_ok(
+                        visit.seed, given if isinstance(given, str) else None):
+                    _log.warning("refused POST %s from %s: missing or invalid CSRF token or foreign origin",
+                                 request.url.path, auth.client_ip(request))
+                    return PlainTextResponse("Refused: the form's security token is missing or wrong. "
+                                             "Reload the page and try again.", status_code=403)
+                visit.form = form
+            response = await handler(request, visit)
+            if visit.new_pre:
+                auth.set_cookie(response, request, auth.PRE_COOKIE, self.signer.sign(visit.new_pre), 3600)
+            return response
+
+        return endpoint
+
+    async def render(self, request: Request, visit: Visit, template: str, *, status: int = 200,
+                     headers: dict[str, str] | None = None, **context: Any) -> Response:
+        flash = None
+        switches: dict[str, bool] = {}
+        if visit.session is not None:
+            if visit.session.flash:
+                flash = visit.session.flash.split("|", 1)
+                await _run(self.mods.set_flash, visit.session.id, None)
+            switches = await _run(self.switches.all)
+        base = {
+            "moderator": visit.session.moderator.name if visit.session else None,
+            "csrf": self.signer.csrf_token(visit.seed) if visit.seed else "",
+            "flash": flash,
+            "switches": switches,
+            "path": request.url.path + (f"?{request.url.query}" if request.url.query else ""),
+        }
+        return self.templates.TemplateResponse(request, template, {**base, **context}, status_code=status,
+                                               headers=headers)
+
+    async def back(self, visit: Visit, default: str, message: str, *, error: bool = False) -> Response:
+        """Redirect (303) to the form's ``back`` path or ``default``, with a message shown there."""
+        assert visit.session is not None
+        await _run(self.mods.set_flash, visit.session.id, ("error|" if error else "ok|") + message[:500])
+        return RedirectResponse(auth.local_path(visit.field("back", 1000), default), status_code=303)
+
+    # ---- login -----------------------------------------------------------------------------
+
+    async def login_form(self, request: Request, visit: Visit) -> Response:
+        nxt = auth.local_path(request.query_params.get("next"))
+        if visit.session is not None:
+            return RedirectResponse(nxt, status_code=303)
+        return await self.render(request, visit, "login.html", next=nxt, error=None, login_name="")
+
+    async def login(self, request: Request, visit: Visit) -> Response:
+        name, password = visit.field("name", 64), visit.form.get("password") if visit.form else None
+        password = password if isinstance(password, str) else ""
+        nxt = auth.local_path(visit.field("next", 1000))
+        ip = auth.client_ip(request)
+        wait = await _run(self.mods.login_wait, name, ip)
+        if wait > 0:
+            _log.warning("dashboard login throttled from %s (retry in %.0fs)", ip, wait)
+            return await self.render(
+                request, visit, "login.html", status=429, headers={"Retry-After": str(int(wait) + 1)},
+                next=nxt, login_name=name,
+                error=f"Too many failed attempts. Try again in {int(wait) + 1} seconds.")
+        mod = await _run(self.mods.authenticate, name, password, ip=ip)
+        if mod is None:
+            _log.warning("failed dashboard login from %s", ip)
+            return await self.render(request, visit, "login.html", status=401, next=nxt, login_name=name,
+                                     error="Wrong name or password.")
+        token = await _run(self.mods.create_session, mod)
+        _log.info("moderator %s logged in from %s", mod.name, ip)
+        response = RedirectResponse(nxt, status_code=303)
+        auth.set_cookie(response, request, auth.SESSION_COOKIE, self.signer.sign(token),
+                        int(self.mods.session_lifetime.total_seconds()))
+        auth.clear_cookie(response, request, auth.PRE_COOKIE)
+        return response
+
+    async def logout(self, request: Request, visit: Visit) -> Response:
+        token = self.signer.unsign(request.cookies.get(auth.SESSION_COOKIE))
+        if token:
+            await _run(self.mods.end_session, token, actor=visit.actor)
+        response = RedirectResponse("/login", status_code=303)
+        auth.clear_cookie(response, request, auth.SESSION_COOKIE)
+        return response
+
+    # ---- the queue log and the held inbox ---------------------------------------------------------
+
+    @staticmethod
+    def _filters(params: QueryParams) -> tuple[dict[str, Any], list[str]]:
+        errors: list[str] = []
+        statuses = []
+        for s in params.getlist("status"):
+            if s in Status._value2member_map_:
+                statuses.append(s)
+            elif s:
+                errors.append(f"unknown status {s[:40]!r}")
+        f: dict[str, Any] = {
+            "status": statuses,
+            "platform": (params.get("platform") or "").strip()[:16],
+            "user": (params.get("user") or "").strip()[:160],
+            "q": (params.get("q") or "").strip()[:200],
+            "since": (params.get("since") or "").strip()[:40],
+            "until": (params.get("until") or "").strip()[:40],
+        }
+        times: dict[str, dt.datetime | None] = {}
+        for key in ("since", "until"):
+            times[key] = None
+            if f[key]:
+                try:
+                    t = dt.datetime.fromisoformat(f[key])
+                    times[key] = t.astimezone(dt.UTC).replace(tzinfo=None) if t.tzinfo else t
+                except ValueError:
+                    errors.append(f"{key}: not a date and time (use YYYY-MM-DD HH:MM, UTC)")
+        before = params.get("before") or ""
+        f["before"] = int(before) if before.isdigit() else None
+        f["_since"], f["_until"] = times["since"], times["until"]
+        return f, errors
+
+    async def _list(self, f: dict[str, Any]) -> tuple[list[Any], bool]:
+        rows = await _run(
+            self.app.queue.list, status=f["status"] or None, platform=f["platform"] or None,
+            user=f["user"] or None, text=f["q"] or None, since=f["_since"], until=f["_until"],
+            before_id=f["before"], limit=PAGE_SIZE + 1)
+        return rows[:PAGE_SIZE], len(rows) > PAGE_SIZE
+
+    async def queue_page(self, request: Request, visit: Visit) -> Response:
+        f, errors = self._filters(request.query_params)
+        rows, more = await self._list(f)
+        counters = await _run(activity, self.app.queue, self.clock())
+        keep = {k: v for k, v in f.items() if not k.startswith("_") and k != "before"}
+        return await self.render(
+            request, visit, "queue.html", rows=rows, more=more, filters=keep, errors=errors,
+            next_page={**keep, "before": rows[-1].id} if more else None, paged=f["before"] is not None,
+            statuses=[s.value for s in Status], platforms=sorted({"local", "x", "discord", *self.app.platforms}),
+            counters=counters, refresh_ms=self.refresh_ms, has_local="local" in self.app.platforms,
+            max_images=self.app.settings.queue.max_images, default_images=self.app.settings.queue.default_images)
+
+    async def held_page(self, request: Request, visit: Visit) -> Response:
+        f = {"status": [Status.HELD.value], "platform": "", "user": "", "q": "", "_since": None,
+             "_until": None, "before": request.query_params.get("before")}
+        f["before"] = int(f["before"]) if f["before"] and f["before"].isdigit() else None
+        rows, more = await self._list(f)
+        return await self.render(request, visit, "held.html", rows=rows, more=more,
+                                 next_before=rows[-1].id if more else None)
+
+    # ---- one request ----------------------------------------------------------------------
+
+    async def request_page(self, request: Request, visit: Visit) -> Response:
+        rid = request.path_params["rid"]
+        try:
+            rec = await _run(self.app.queue.get, rid)
+        except NotFound:
+            return await self.render(request, visit, "error.html", status=404, message=f"No request {rid}.")
+        trail = await _run(self.app.queue.audit, rid)
+        position = await _run(self.app.queue.position, rid)
+        try:
+            user = await _run(self.app.queue.get_user, rec.user_ref)
+        except NotFound:
+            user = None
+        user_trail = await _run(self.app.queue.audit, user_ref=rec.user_ref, limit=100)
+        actions = [a for a, target in ACTION_TARGETS.items()
+                   if (rec.status == Status.HELD if a == "approve"
+                       else (rec.status in states.TERMINAL if a == "requeue"
+                             else states.allowed(rec.status, target)))]  # type: ignore[arg-type]
+        images = [(i, rec.nsfw_scores[i] if i < len(rec.nsfw_scores) else None)
+                  for i in range(len(rec.image_paths))]
+        return await self.render(request, visit, "request.html", r=rec, trail=trail, position=position,
+                                 user=user, user_trail=user_trail, actions=actions, images=images)
+
+    async def act(self, request: Request, visit: Visit) -> Response:
+        rid = request.path_params["rid"]
+        action, reason = visit.field("action", 20), visit.field("reason") or None
+        here = f"/requests/{rid}"
+        if action not in moderation.ACTIONS:
+            return await self.back(visit, here, f"Unknown action {action!r}.", error=True)
+        if action == "reject" and not reason:
+            return await self.back(visit, here, "Give a reason to reject a request (the requester sees it).",
+                                   error=True)
+        try:
+            rec = await _run(moderation.act, self.app.queue, action, rid, actor=visit.actor, reason=reason)
+        except (IllegalTransition, NotFound) as exc:
+            return await self.back(visit, here, str(exc), error=True)
+        _log.info("moderator action %s", action, extra={"request_id": rid, "action": action})
+        return await self.back(visit, here, f"Request {rec.id} is now {rec.status.value}.")
+
+    async def image(self, request: Request, visit: Visit) -> Response:
+        rid, n = request.path_params["rid"], request.path_params["n"]
+        try:
+            rec = await _run(self.app.queue.get, rid)
+        except NotFound:
+            return PlainTextResponse("Not Found", status_code=404)
+        if n >= len(rec.image_paths):
+            return PlainTextResponse("Not Found", status_code=404)
+        path = Path(rec.image_paths[n])
+        if not path.is_absolute():
+            path = Path(self.app.settings.images_dir) / path
+        path = path.resolve()
+        kind = IMAGE_TYPES.get(path.suffix.lower())
+        inside = any(path.is_relative_to(root) for root in self.image_roots)
+        if kind is None or not inside or not path.is_file():
+            _log.warning("refused to serve image %d of request %d: not a PNG/JPEG file under the data folder",
+                         n, rid)
+            return PlainTextResponse("Not Found", status_code=404)
+        return FileResponse(path, media_type=kind, headers={"Cache-Control": "private, max-age=300",
+                                                            "Content-Disposition": "inline"})
+
+    # ---- users, switches, prompt box ------------------------------------------------------------
+
+    async def user_action(self, request: Request, visit: Visit) -> Response:
+        action = request.path_params["action"]
+        if action not in ("ban", "unban"):
+            return PlainTextResponse("Not Found", status_code=404)
+        ref, note = visit.field("user", 160), visit.field("note") or None
+        default = "/?" + urlencode({"user": ref})
+        if not ref:
+            return await self.back(visit, default, "Which user? (platform:id)", error=True)
+        fn = moderation.ban if action == "ban" else moderation.unban
+        try:
+            user = await _run(fn, self.app.queue, ref, actor=visit.actor, reason=note)
+        except (StorageError, ValueError) as exc:
+            return await self.back(visit, default, str(exc), error=True)
+        return await self.back(visit, default, f"User {user.ref} is {'banned' if user.banned else 'no longer banned'}.")
+
+    async def set_switch(self, request: Request, visit: Visit) -> Response:
+        name, value = visit.field("name", 64), visit.field("value", 8)
+        if name not in SWITCHES or value not in ("on", "off"):
+            return await self.back(visit, "/", "Unknown switch.", error=True)
+        changed = await _run(self.switches.set, name, value == "on", actor=visit.actor,
+                             reason=visit.field("reason") or None)
+        what = {"intake_paused": "Intake", "generation_paused": "Generation"}[name]
+        state = "paused" if value == "on" else "running"
+        return await self.back(visit, "/", f"{what} is {state}." if changed else f"{what} was already {state}.")
+
+    async def submit(self, request: Request, visit: Visit) -> Response:
+        assert visit.session is not None
+        qc = self.app.settings.queue
+        if "local" not in self.app.platforms:
+            return await self.back(visit, "/", "The local platform is disabled ([local] enabled = false).",
+                                   error=True)
+        n_text = visit.field("n", 4)
+        n = int(n_text) if n_text.isdigit() else qc.default_images
+        if not 1 <= n <= qc.max_images:
+            return await self.back(visit, "/", f"Ask for 1 to {qc.max_images} images.", error=True)
+        name = visit.session.moderator.name
+        try:
+            res = await _run(self.app.local.submit, self.app.queue, visit.field("prompt", 4000),
+                             user=f"dashboard-{name}", user_name=name, n_images=n, max_chars=qc.max_prompt_chars,
+                             actor=visit.actor)
+        except PromptRejected as exc:
+            return await self.back(visit, "/", str(exc), error=True)
+        rec = res.request
+        return await self.back(visit, f"/requests/{rec.id}", f"Request {rec.id} is {rec.status.value}.")
+
+    async def counters(self, request: Request, visit: Visit) -> Response:
+        data: dict[str, Any] = await _run(activity, self.app.queue, self.clock())
+        data.update(await _run(self.switches.all))
+        return JSONResponse(data)
+
+    # ---- routes -----------------------------------------------------------------------------
+
+    def routes(self) -> list[BaseRoute]:
+        g = self.guard
+        return [
+            Route("/login", g(self.login_form, login=False), methods=["GET"]),
+            Route("/login", g(self.login, login=False), methods=["POST"]),
+            Route("/logout", g(self.logout), methods=["POST"]),
+            Route("/", g(self.queue_page), methods=["GET"]),
+            Route("/held", g(self.held_page), methods=["GET"]),
+            Route("/requests/{rid:int}", g(self.request_page), methods=["GET"]),
+            Route("/requests/{rid:int}/act", g(self.act), methods=["POST"]),
+            Route("/requests/{rid:int}/images/{n:int}", g(self.image), methods=["GET"]),
+            Route("/users/{action:str}", g(self.user_action), methods=["POST"]),
+            Route("/switches", g(self.set_switch), methods=["POST"]),
+            Route("/submit", g(self.submit), methods=["POST"]),
+            Route("/api/counters", g(self.counters), methods=["GET"]),
+            Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
+        ]
