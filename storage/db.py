@@ -35,11 +35,17 @@ def safe_url(url: str) -> str:
 
 @dataclass
 class Database:
-    """The engines for one database: ``write`` for transactions that write, ``read`` for reads."""
+    """The engines for one database.
+
+    ``write``: transactions that write (SQLite: ``BEGIN IMMEDIATE``). ``single``: one statement that
+    is a transaction by itself (PostgreSQL: autocommit, one round trip instead of BEGIN, statement,
+    COMMIT; SQLite: same as ``write``). ``read``: reads (PostgreSQL: autocommit; SQLite: deferred).
+    """
 
     url: str
     write: Engine
     read: Engine
+    single: Engine
 
     @property
     def dialect(self) -> str:
@@ -51,8 +57,7 @@ class Database:
 
     def dispose(self) -> None:
         self.write.dispose()
-        if self.read is not self.write:
-            self.read.dispose()
+        self.read.dispose()
 
 
 def _sqlite_engine(url: sa.URL, busy_timeout: float, immediate: bool) -> Engine:
@@ -89,12 +94,16 @@ def connect(url: str, *, busy_timeout: float = 10.0, pool_size: int = 5, check: 
         ) from None
     try:
         if parsed.get_backend_name() == "sqlite":
-            db = Database(url, _sqlite_engine(parsed, busy_timeout, True), _sqlite_engine(parsed, busy_timeout, False))
+            write = _sqlite_engine(parsed, busy_timeout, True)
+            db = Database(url, write, _sqlite_engine(parsed, busy_timeout, False), write)
         elif parsed.get_backend_name() == "postgresql":
             if parsed.drivername == "postgresql":
                 parsed = parsed.set(drivername="postgresql+psycopg")
-            engine = sa.create_engine(parsed, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
-            db = Database(url, engine, engine)
+            # No pre-ping (a round trip per transaction): a connection that died with the server is
+            # invalidated on its first error, which surfaces as DatabaseUnavailable, and replaced.
+            engine = sa.create_engine(parsed, pool_size=pool_size, max_overflow=pool_size)
+            auto = engine.execution_options(isolation_level="AUTOCOMMIT")
+            db = Database(url, engine, auto, auto)
         else:
             raise StorageError(
                 f"database {safe_url(url)}: only SQLite and PostgreSQL are supported"

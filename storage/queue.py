@@ -104,9 +104,10 @@ class Queue:
     # ---- plumbing -------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _write(self) -> Iterator[Connection]:
+    def _write(self, *, single: bool = False) -> Iterator[Connection]:
+        """A write transaction; ``single=True`` when it is one statement (autocommit on PostgreSQL)."""
         try:
-            with self.db.write.begin() as conn:
+            with (self.db.single if single else self.db.write).begin() as conn:
                 yield conn
         except (OperationalError, InterfaceError) as exc:
             if _is_connection_error(exc):
@@ -127,6 +128,47 @@ class Queue:
         if rows:
             now = self.clock()
             conn.execute(insert(A), [{"created_at": now, "user_ref": None, "reason": None, **r} for r in rows])
+
+    def _update_audited(
+        self,
+        conn: Connection,
+        stmt: sa.Update,
+        *,
+        actor: str,
+        action: str,
+        from_status: str,
+        to_status: str,
+        reason: Callable[[Any], Any] | None = None,
+    ) -> list[RequestRecord]:
+        """Run an UPDATE of requests and write one audit row per updated request.
+
+        On PostgreSQL this is one statement (the audit INSERT is a data-modifying CTE over the
+        UPDATE's RETURNING), on SQLite two (no network round trips to save there).
+        ``reason`` maps the updated rows (a CTE or a Row) to the reason expression or value.
+        """
+        now = self.clock()
+        if self.db.is_sqlite:
+            rows = conn.execute(stmt.returning(*R.c)).all()
+            self._audit(conn, [
+                {"request_id": r.id, "actor": actor, "action": action, "from_status": from_status,
+                 "to_status": to_status, "reason": reason(r) if reason else None}
+                for r in rows
+            ])
+            return [RequestRecord.from_row(r) for r in rows]
+        upd = stmt.returning(*R.c).cte("upd")
+        cols = ["request_id", "actor", "action", "from_status", "to_status", "reason", "created_at"]
+        src = select(
+            upd.c.id,
+            sa.literal(actor, sa.String),
+            sa.literal(action, sa.String),
+            sa.literal(from_status, sa.String),
+            sa.literal(to_status, sa.String),
+            _as_sql(reason(upd.c)) if reason else sa.null(),
+            sa.literal(now, sa.DateTime),
+        )
+        ins = insert(A).from_select(cols, src).cte("ins")
+        rows = conn.execute(select(upd).add_cte(ins)).all()
+        return [RequestRecord.from_row(r) for r in rows]
 
     @staticmethod
     def _one(conn: Connection, request_id: int, *, lock: bool = False) -> RequestRecord:
@@ -159,21 +201,17 @@ class Queue:
         actor = actor or f"intake:{new.platform}"
         now = self.clock()
         dialect = self.db.dialect
+        if not self.db.is_sqlite:
+            return self._enqueue_pg(new, actor=actor, status=status, reason=reason)
         with self._write() as conn:
-            existing = conn.execute(
-                select(R).where(R.c.platform == new.platform, R.c.external_id == new.external_id)
-            ).first()
-            if existing is not None:
-                return EnqueueResult(RequestRecord.from_row(existing), created=False)
-            vt = conn.execute(
-                select(
-                    func.coalesce(
-                        select(func.min(R.c.slot)).where(R.c.status == S.QUEUED.value).scalar_subquery(),
-                        select(func.max(R.c.slot)).scalar_subquery(),
-                        0,
-                    )
+            # Fair-share slot: the user's next slot, but never behind the head of the queue.
+            vt = select(
+                func.coalesce(
+                    select(func.min(R.c.slot)).where(R.c.status == S.QUEUED.value).scalar_subquery(),
+                    select(func.max(R.c.slot)).scalar_subquery(),
+                    0,
                 )
-            ).scalar_one()
+            ).scalar_subquery()
             ins = _upsert(dialect)(U).values(
                 platform=new.platform,
                 platform_user_id=new.author_id,
@@ -225,26 +263,85 @@ class Queue:
                 updated_at=now,
                 finished_at=finished,
             )
-            try:
-                with conn.begin_nested():
-                    row = conn.execute(insert(R).values(**values).returning(*R.c)).one()
-            except IntegrityError:
-                # Lost a race with the same event delivered twice at once: the other copy wins.
-                row = conn.execute(
+            # ON CONFLICT DO NOTHING: the same event delivered twice (even at the same instant) is
+            # one request; the second delivery gets the stored one back.
+            stmt = _upsert(dialect)(R).values(**values).on_conflict_do_nothing(
+                index_elements=[R.c.platform, R.c.external_id]).returning(*R.c)
+            audit_values = {"user_ref": f"{new.platform}:{new.author_id}", "actor": actor, "action": "received",
+                            "from_status": None, "to_status": status.value, "reason": error, "created_at": now}
+            if self.db.is_sqlite:
+                row = conn.execute(stmt).first()
+                if row is not None:
+                    self._audit(conn, [{"request_id": row.id, **audit_values}])
+            else:  # one round trip: the audit row is written by a CTE over the INSERT's RETURNING
+                r = stmt.cte("r")
+                a = insert(A).from_select(
+                    ["request_id", *audit_values],
+                    select(r.c.id, *[sa.literal(v, A.c[k].type) for k, v in audit_values.items()]),
+                ).cte("a")
+                row = conn.execute(select(r).add_cte(a)).first()
+            if row is None:
+                existing = conn.execute(
                     select(R).where(R.c.platform == new.platform, R.c.external_id == new.external_id)
                 ).one()
-                return EnqueueResult(RequestRecord.from_row(row), created=False)
+                return EnqueueResult(RequestRecord.from_row(existing), created=False)
             rec = RequestRecord.from_row(row)
-            self._audit(conn, [{
-                "request_id": rec.id,
-                "user_ref": rec.user_ref,
-                "actor": actor,
-                "action": "received",
-                "from_status": None,
-                "to_status": status.value,
-                "reason": error,
-            }])
         return EnqueueResult(rec, created=True)
+
+    def _enqueue_pg(self, new: NewRequest, *, actor: str, status: Status, reason: str | None) -> EnqueueResult:
+        """PostgreSQL: the whole intake (user upsert, request insert, audit row) in one statement."""
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        now = self.clock()
+        vt = select(
+            func.coalesce(
+                select(func.min(R.c.slot)).where(R.c.status == S.QUEUED.value).scalar_subquery(),
+                select(func.max(R.c.slot)).scalar_subquery(),
+                0,
+            )
+        ).scalar_subquery()
+        ins_u = pg_insert(U).values(platform=new.platform, platform_user_id=new.author_id, name=new.author_name,
+                                    banned=False, notes="", next_slot=vt + 1, created_at=now, updated_at=now)
+        u = ins_u.on_conflict_do_update(
+            index_elements=[U.c.platform, U.c.platform_user_id],
+            set_={"name": sa.case((ins_u.excluded.name != "", ins_u.excluded.name), else_=U.c.name),
+                  "next_slot": func.greatest(U.c.next_slot, vt) + 1, "updated_at": now},
+        ).returning(U.c.banned, U.c.next_slot).cte("u")
+        refuse = sa.and_(u.c.banned, sa.literal(status != S.REJECTED))
+        computed = {
+            "status": sa.case((refuse, S.REJECTED.value), else_=status.value),
+            "error": sa.case((refuse, "user is banned"), else_=sa.cast(sa.literal(reason), sa.Text)),
+            "finished_at": sa.case((sa.or_(refuse, sa.literal(status in states.TERMINAL)), now),
+                                   else_=sa.cast(sa.null(), sa.DateTime)),
+            "slot": u.c.next_slot - 1,
+        }
+        constants = dict(
+            platform=new.platform, external_id=new.external_id, channel_id=new.channel_id, guild_id=new.guild_id,
+            author_id=new.author_id, author_name=new.author_name, prompt_raw=new.prompt_raw, prompt=new.prompt,
+            n_images=new.n_images, seed=new.seed, options=dict(new.options), priority=new.priority, attempts=0,
+            max_attempts=self.policy.max_attempts, run_at=now, image_paths=[], nsfw_scores=[], notify=True,
+            created_at=now, updated_at=now,
+        )
+        cols = list(constants) + list(computed)
+        exprs = [sa.cast(sa.null(), R.c[k].type) if v is None else sa.literal(v, R.c[k].type)
+                 for k, v in constants.items()] + list(computed.values())
+        r = (
+            pg_insert(R).from_select(cols, select(*exprs).select_from(u))
+            .on_conflict_do_nothing(index_elements=[R.c.platform, R.c.external_id])
+            .returning(*R.c).cte("r")
+        )
+        a = insert(A).from_select(
+            ["request_id", "user_ref", "actor", "action", "from_status", "to_status", "reason", "created_at"],
+            select(r.c.id, sa.literal(f"{new.platform}:{new.author_id}"), sa.literal(actor), sa.literal("received"),
+                   sa.cast(sa.null(), sa.String), r.c.status, r.c.error, sa.literal(now, sa.DateTime)),
+        ).cte("a")
+        with self._write(single=True) as conn:
+            row = conn.execute(select(r).add_cte(a)).first()
+            if row is None:  # the same event delivered twice: the stored request wins
+                row = conn.execute(
+                    select(R).where(R.c.platform == new.platform, R.c.external_id == new.external_id)).one()
+                return EnqueueResult(RequestRecord.from_row(row), created=False)
+        return EnqueueResult(RequestRecord.from_row(row), created=True)
 
     # ---- worker: claim, renew, complete, fail ------------------------------------------------
 
@@ -268,27 +365,26 @@ class Queue:
             started_at=now,
             updated_at=now,
         )
-        with self._write() as conn:
+        with self._write(single=True) as conn:
             if self.db.is_sqlite:
                 stmt = update(R).where(R.c.id.in_(pick.scalar_subquery())).values(**values)
             else:
                 c = pick.with_for_update(skip_locked=True).cte("pick").prefix_with("MATERIALIZED")
                 stmt = update(R).where(R.c.id == c.c.id).values(**values)
-            rows = conn.execute(stmt.returning(*R.c)).all()
-            recs = sorted((RequestRecord.from_row(r) for r in rows), key=lambda r: (r.priority, r.slot, r.id))
-            self._audit(conn, [
-                {"request_id": r.id, "actor": f"worker:{owner}", "action": "claimed",
-                 "from_status": S.QUEUED.value, "to_status": S.RUNNING.value,
-                 "reason": f"attempt {r.attempts}"}
-                for r in recs
-            ])
+            rows = self._update_audited(
+                conn, stmt, actor=f"worker:{owner}", action="claimed", from_status=S.QUEUED.value,
+                to_status=S.RUNNING.value,
+                reason=lambda r: (sa.literal("attempt ") + sa.cast(r.attempts, sa.String))
+                if isinstance(r, sa.sql.ColumnCollection) else f"attempt {r.attempts}",
+            )
+            recs = sorted(rows, key=lambda r: (r.priority, r.slot, r.id))
         return Claim(owner=owner, token=token, expires_at=expires, requests=tuple(recs))
 
     def renew(self, claim: Claim) -> set[int]:
         """Extend the lease; returns the ids still owned (others were reclaimed or cancelled)."""
         now = self.clock()
         expires = now + dt.timedelta(seconds=self.policy.lease_seconds)
-        with self._write() as conn:
+        with self._write(single=True) as conn:
             rows = conn.execute(
                 update(R)
                 .where(R.c.id.in_(claim.ids), R.c.lease_token == claim.token,
@@ -311,21 +407,20 @@ class Queue:
         reason: str | None = None,
     ) -> RequestRecord:
         assert states.allowed(expected, target), (expected, target)
-        now = self.clock()
-        row = conn.execute(
+        stmt = (
             update(R)
             .where(R.c.id == request_id, R.c.status == expected.value, R.c.lease_token == claim.token)
-            .values(status=target.value, updated_at=now, **values)
-            .returning(*R.c)
-        ).first()
-        if row is None:
+            .values(status=target.value, updated_at=self.clock(), **values)
+        )
+        rows = self._update_audited(conn, stmt, actor=f"worker:{claim.owner}", action=action,
+                                    from_status=expected.value, to_status=target.value,
+                                    reason=None if reason is None else (lambda _r: reason))
+        if not rows:
             raise LeaseLost(
                 f"request {request_id} is no longer {expected} under this worker's lease "
                 "(reclaimed by another worker, cancelled, or finished): result dropped"
             )
-        self._audit(conn, [{"request_id": request_id, "actor": f"worker:{claim.owner}", "action": action,
-                            "from_status": expected.value, "to_status": target.value, "reason": reason}])
-        return RequestRecord.from_row(row)
+        return rows[0]
 
     def complete(
         self,
@@ -344,27 +439,28 @@ class Queue:
                                       lease_owner=None, lease_token=None, lease_expires_at=None, error=None)
         if seed is not None:
             values["seed"] = seed
-        with self._write() as conn:
+        with self._write(single=True) as conn:
             return self._fenced(
                 conn, claim, request_id, S.RUNNING, target, values,
                 action="held" if hold_reason else "generated", reason=hold_reason,
             )
 
     def complete_many(self, claim: Claim, results: dict[int, Sequence[str]]) -> list[RequestRecord]:
-        """Record several generated results in one transaction; requests whose lease was lost are
-        skipped (and not returned)."""
-        out: list[RequestRecord] = []
-        with self._write() as conn:
-            for rid, paths in results.items():
-                try:  # a lost lease matches no row: nothing to roll back
-                    out.append(self._fenced(
-                        conn, claim, rid, S.RUNNING, S.GENERATED,
-                        dict(image_paths=list(paths), lease_owner=None, lease_token=None,
-                             lease_expires_at=None, error=None),
-                        action="generated"))
-                except LeaseLost:
-                    continue
-        return out
+        """Record several generated results (request id -> image paths) in one statement; requests
+        whose lease was lost are not updated and not returned."""
+        if not results:
+            return []
+        now = self.clock()
+        paths = sa.case(*[(R.c.id == rid, sa.literal(list(p), sa.JSON)) for rid, p in results.items()])
+        stmt = (
+            update(R)
+            .where(R.c.id.in_(list(results)), R.c.status == S.RUNNING.value, R.c.lease_token == claim.token)
+            .values(status=S.GENERATED.value, image_paths=paths, lease_owner=None, lease_token=None,
+                    lease_expires_at=None, error=None, updated_at=now)
+        )
+        with self._write(single=True) as conn:
+            return self._update_audited(conn, stmt, actor=f"worker:{claim.owner}", action="generated",
+                                        from_status=S.RUNNING.value, to_status=S.GENERATED.value)
 
     def fail(self, claim: Claim, request_id: int, error: str, *, permanent: bool = False) -> RequestRecord:
         """A generation attempt failed: retry later with backoff, or ``dead``/``failed``."""
@@ -481,7 +577,7 @@ class Queue:
 
     def mark_posted(self, claim: Claim, request_id: int, reply_id: str | None, reply_url: str | None = None) -> RequestRecord:
         now = self.clock()
-        with self._write() as conn:
+        with self._write(single=True) as conn:
             return self._fenced(
                 conn, claim, request_id, S.POSTING, S.POSTED,
                 dict(reply_id=reply_id, reply_url=reply_url, finished_at=now, lease_owner=None,
@@ -687,10 +783,14 @@ class Queue:
 
     def set_cursor(self, name: str, value: str) -> None:
         now = self.clock()
-        with self._write() as conn:
+        with self._write(single=True) as conn:
             ins = _upsert(self.db.dialect)(C).values(name=name, value=value, updated_at=now)
             conn.execute(ins.on_conflict_do_update(index_elements=[C.c.name],
                                                    set_={"value": value, "updated_at": now}))
+
+
+def _as_sql(value: Any) -> Any:
+    return sa.literal(value, sa.Text) if isinstance(value, str) else value
 
 
 def _upsert(dialect: str):  # type: ignore[no-untyped-def]
