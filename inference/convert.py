@@ -204,7 +204,9 @@ def vqgan_from_flax(tree: dict[str, Any], cfg: VQGANConfig, file: Path) -> VQGAN
         if path == "quantize/embedding/embedding":
             out["embedding.weight"] = (value, src)
             continue
-        key = re.sub(r"/(up|block|attn)_(\d+)", r"/\1/\2", path)  # up_4/block_0 -> up/4/block/0
+        # decoder/up_4/block_0/... -> decoder/up/4/block/0/... (mid/block_1 keeps its name)
+        key = re.sub(r"^decoder/up_(\d+)/(?:(block|attn)_(\d+)/)?",
+                     lambda m: f"decoder/up/{m[1]}/" + (f"{m[2]}/{m[3]}/" if m[2] else ""), path)
         *mods, leaf = key.split("/")
         if leaf == "kernel":
             if value.ndim != 4:
@@ -311,14 +313,21 @@ def find_vqgan(folder: Path) -> Path | None:
     return next((c for c in candidates if c.is_dir() and _is_vqgan_folder(c)), None)
 
 
+def _vqgan_config(path: Path) -> VQGANConfig:
+    try:
+        return VQGANConfig.from_hf(_read_json(path))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a usable VQGAN config ({type(e).__name__}: {e})") from None
+
+
 def load_vqgan(folder: Path) -> tuple[VQGANDecoder, dict[str, Any]]:
     cfg_path = folder / "config.json"
     if (folder / "detoker.pt").is_file():
-        cfg = VQGANConfig.from_hf(_read_json(cfg_path)) if cfg_path.is_file() else VQGANConfig()
+        cfg = _vqgan_config(cfg_path) if cfg_path.is_file() else VQGANConfig()
         sd = _torch_load(folder / "detoker.pt")
         return _from_state_dict(VQGANDecoder(cfg), sd, folder / "detoker.pt", "vqgan"), {"vqgan": "min-dalle detoker.pt"}
     if (folder / "flax_model.msgpack").is_file() and cfg_path.is_file():
-        cfg = VQGANConfig.from_hf(_read_json(cfg_path))
+        cfg = _vqgan_config(cfg_path)
         file = folder / "flax_model.msgpack"
         return vqgan_from_flax(read_flax_msgpack(file), cfg, file), {"vqgan": "vqgan-jax flax_model.msgpack"}
     raise CheckpointError(f"{folder} holds no VQGAN (expected detoker.pt, or config.json + flax_model.msgpack)")
@@ -363,7 +372,10 @@ def load_checkpoint(folder: str | Path, vqgan_folder: str | Path | None = None,
         enc_sd, dec_sd = _torch_load(enc_pt), _torch_load(dec_pt)
         cfg_json = _first(folder, "config.json", "config_mini.json")
         if cfg_json:
-            cfg = _with_codes(ModelConfig.from_hf(_read_json(cfg_json)), vqgan.cfg.n_embed)
+            try:
+                cfg = _with_codes(ModelConfig.from_hf(_read_json(cfg_json)), vqgan.cfg.n_embed)
+            except (KeyError, ValueError, TypeError) as e:
+                raise CheckpointError(f"{cfg_json} is not a DalleBart config ({type(e).__name__}: {e})") from None
         else:
             for key, sd, f in (("embed_tokens.weight", enc_sd, enc_pt), ("embed_tokens.weight", dec_sd, dec_pt)):
                 if key not in sd:

@@ -46,7 +46,7 @@ from .model import DalleBartDecoder, DalleBartEncoder, VQGANDecoder
 
 _log = logging.getLogger(__name__)
 
-EXTERNAL_DATA_BYTES = 1 << 30   # graphs with more weight bytes than this keep them in NAME.onnx.data
+EXTERNAL_DATA_BYTES = 1800 << 20  # more weight bytes than this (protobuf's limit is 2 GiB): NAME.onnx.data
 OPSET = 18
 
 
@@ -178,7 +178,7 @@ ROWS = torch.export.Dim("rows", min=1, max=4096)
 def export_graph(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, input_names: list[str],
                  output_names: list[str], dynamic_shapes: tuple[Any, ...]) -> list[Path]:
     """Export one graph (dynamic_shapes mirrors forward's signature); returns the files written."""
-    weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())   # an upper bound
     external = weight_bytes > EXTERNAL_DATA_BYTES
     with _quiet_export(), torch.no_grad():
         torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
@@ -233,7 +233,7 @@ def export_graphs(parts: ModelParts, out_dir: Path, dtype: str = "float32", cach
         _log.info("exported %s in %.1f s", part, time.perf_counter() - t0)
         written += [f.name for f in files]
     if dtype == "int8":
-        written = _quantize_dynamic(out_dir, written, progress, cfg, report if report is not None else {})
+        written = _quantize_dynamic(out_dir, progress, cfg, report if report is not None else {})
     return written
 
 
@@ -248,7 +248,7 @@ def _half_copy(module: nn.Module) -> nn.Module:
     return m
 
 
-def _quantize_dynamic(out_dir: Path, written: list[str], progress: bool, cfg: ModelConfig,
+def _quantize_dynamic(out_dir: Path, progress: bool, cfg: ModelConfig,
                       report: dict[str, Any]) -> list[str]:
     """int8 weights for every MatMul of the encoder and decoder (the VQGAN stays float32).
     Fills ``report`` with the decoder step's logit difference and time, int8 vs float32."""
@@ -257,17 +257,18 @@ def _quantize_dynamic(out_dir: Path, written: list[str], progress: bool, cfg: Mo
     for part in tqdm(("encoder", "decoder"), desc="quantise int8", disable=not progress):
         graph = out_dir / GRAPHS[part]
         data = graph.with_name(graph.name + ".data")
-        fp32 = graph.with_name(f"{part}.fp32.onnx")      # still finds its external data by file name
-        graph.rename(fp32)
+        int8 = graph.with_name(f"{part}.int8.onnx")
         had_data = data.exists()
         with _quiet_export():
-            # large graphs (DALL·E Mega) keep external data: int8 weights are then written to `data`
-            quantize_dynamic(fp32, graph, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
+            # graphs too large for one protobuf (DALL·E Mega) keep external data, in encoder.int8.onnx.data
+            quantize_dynamic(graph, int8, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
                              per_channel=False, use_external_data_format=had_data)
         if part == "decoder":
-            report.update(compare_decoder_graphs(fp32, graph, cfg))
-        fp32.unlink()
-    return [f for f in written if (out_dir / f).exists()]
+            report.update(compare_decoder_graphs(graph, int8, cfg))
+        graph.unlink()
+        data.unlink(missing_ok=True)
+        int8.rename(graph)                 # the graph still names its data file encoder.int8.onnx.data
+    return sorted(f.name for f in out_dir.iterdir() if f.name.endswith((".onnx", ".onnx.data")))
 
 
 def compare_decoder_graphs(reference: Path, candidate: Path, cfg: ModelConfig, rows: int = 2,
@@ -323,7 +324,7 @@ def export_bundle(parts: ModelParts, tokenizer_dir: str | Path, out_dir: str | P
     """Write a complete bundle (graphs, vocab.json + merges.txt from ``tokenizer_dir``, manifest).
 
     ``tokenizer_dir`` may also hold ``enwiki-words-frequency.txt`` (dalle-mini's hashtag splitter),
-    which is then copied too. The manifest is written last and the bundle is re-read and verified.
+    which is then copied too. The manifest is written last, then the bundle is re-read and checked.
     """
     out = Path(out_dir)
     tok = Path(tokenizer_dir)

@@ -40,19 +40,26 @@ _CYRILLIC = dict(zip(
 ))
 
 
+def _from_tables(ch: str) -> str | None:
+    low = ch.lower()
+    for table in (_GREEK, _CYRILLIC):
+        if low in table:
+            return table[low].capitalize() if ch != low else table[low]
+    return None
+
+
 def _translit_char(ch: str) -> str:
     if ch.isascii():
         return ch
     if ch in _LATIN:
         return _LATIN[ch]
-    low = ch.lower()
-    for table in (_GREEK, _CYRILLIC):
-        if low in table:
-            out = table[low]
-            return out.capitalize() if ch != low else out
+    if (out := _from_tables(ch)) is not None:                  # ё -> io before accents are dropped
+        return out
     base = "".join(c for c in unicodedata.normalize("NFKD", ch) if not unicodedata.combining(c))
     if base and base.isascii():
-        return base
+        return base                                            # é -> e, ﬁ -> fi
+    if len(base) == 1 and (out := _from_tables(base)) is not None:
+        return out                                             # ά -> a
     if unicodedata.category(ch).startswith("Z"):
         return " "
     return ""

@@ -29,10 +29,11 @@ TINY_MEGA = ModelConfig(
     encoder_ffn_dim=48, decoder_ffn_dim=48, text_vocab_size=410, image_vocab_size=20,
     text_length=12, image_grid=4, num_codes=16, decoder_start_token_id=16,
 )
-TINY_VQ = VQGANConfig(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(4,), z_channels=16,
-                      embed_dim=8, n_embed=24, resolution=16, norm_groups=4)
-TINY_VQ16 = VQGANConfig(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(4,), z_channels=16,
-                        embed_dim=8, n_embed=16, resolution=16, norm_groups=4)
+# GroupNorm keeps vqgan-jax's 32 groups (its config.json has no such field)
+TINY_VQ = VQGANConfig(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, attn_resolutions=(4,), z_channels=16,
+                      embed_dim=8, n_embed=24, resolution=16)
+TINY_VQ16 = VQGANConfig(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, attn_resolutions=(4,), z_channels=16,
+                        embed_dim=8, n_embed=16, resolution=16)
 
 
 def write_tokenizer(folder: Path, vocab_size: int = 400) -> Path:

@@ -1,0 +1,170 @@
+"""The serving runtime on a tiny exported bundle: determinism, batching, prompts, bad bundles."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from inference.bundle import Bundle
+from inference.errors import BundleError, InferenceError, PromptError
+from inference.images import make_grid, png_bytes, upscale
+from inference.pipeline import Pipeline
+
+from .helpers import TINY, TINY_VQ
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_bundle: Path) -> Pipeline:
+    return Pipeline.load(tiny_bundle, threads=1)
+
+
+def test_runtime_does_not_import_torch(tiny_bundle: Path) -> None:
+    code = ("import sys; from inference.pipeline import Pipeline; from inference.images import make_grid; "
+            f"p = Pipeline.load({str(tiny_bundle)!r}); p.generate(['a red circle'], 1, [0]); "
+            "assert 'torch' not in sys.modules, 'torch was imported'; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_same_seed_same_png_and_different_seed_different(pipe: Pipeline) -> None:
+    a = png_bytes(make_grid(pipe.generate(["a red circle"], 4, [7])[0]))
+    b = png_bytes(make_grid(pipe.generate(["a red circle"], 4, [7])[0]))
+    c = png_bytes(make_grid(pipe.generate(["a red circle"], 4, [8])[0]))
+    assert a == b
+    assert a != c
+
+
+def test_images_do_not_depend_on_batch_company(pipe: Pipeline) -> None:
+    alone = pipe.generate_codes(["two green triangles"], 2, [5])[0]
+    together = pipe.generate_codes(["a red circle", "two green triangles"], [3, 2], [1, 5])
+    assert [c.shape for c in together] == [(3, TINY.image_length), (2, TINY.image_length)]
+    np.testing.assert_array_equal(alone, together[1])
+    # images within one request differ from each other (own random streams)
+    assert not np.array_equal(together[0][0], together[0][1])
+
+
+def test_generate_shapes_and_sampling(pipe: Pipeline) -> None:
+    out = pipe.generate(["a red circle", "hello world"], n_images=[1, 4], seeds=[0, 1])
+    assert [len(x) for x in out] == [1, 4]
+    assert all(im.size == (TINY_VQ.resolution, TINY_VQ.resolution) and im.mode == "RGB" for x in out for im in x)
+    codes = pipe.generate_codes(["a red circle"], 3, [2], top_k=1, condition_scale=3.0)[0]
+    assert codes.max() < TINY.num_codes
+    assert (codes == codes[0]).all()                            # greedy: one image whatever the seed stream
+    with pytest.raises(InferenceError, match="temperature"):
+        pipe.generate(["a"], 1, [0], temperature=0)
+
+
+def test_random_seeds_are_reported(pipe: Pipeline) -> None:
+    a = pipe.generate_codes(["a red circle"], 1)[0]
+    seed = pipe.last_seeds[0]
+    np.testing.assert_array_equal(a, pipe.generate_codes(["a red circle"], 1, [seed])[0])
+
+
+@pytest.mark.parametrize("prompt", ["", "   ", "!!! ... ???", "一只猫"])
+def test_empty_prompts_are_refused(pipe: Pipeline, prompt: str) -> None:
+    with pytest.raises(PromptError, match="empty after normalisation"):
+        pipe.generate([prompt], 1, [0])
+
+
+def test_long_prompt_is_truncated_with_a_warning(pipe: Pipeline, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="inference.pipeline"):
+        (p,) = pipe.prepare(["a red circle " * 20])
+    assert p.truncated > 0
+    assert "too long" in caplog.text
+    assert p.ids[0] == TINY.text_bos_id and p.ids[-1] == TINY.text_eos_id and p.mask.all()
+    assert len(pipe.generate(["a red circle " * 20], 1, [0])[0]) == 1
+
+
+def test_non_latin_text_is_normalised(pipe: Pipeline) -> None:
+    (p,) = pipe.prepare(["Кошка на Луне — Café!"])
+    assert p.normalized == " koshka na lune, cafe"
+    assert pipe.generate(["Кошка на Луне"], 1, [0])[0][0].size == (TINY_VQ.resolution,) * 2
+
+
+def test_grid_and_upscale(pipe: Pipeline) -> None:
+    ims = pipe.generate(["a red circle"], 9, [3])[0]
+    s = TINY_VQ.resolution
+    assert make_grid(ims[:4]).size == (2 * s, 2 * s)
+    assert make_grid(ims).size == (3 * s, 3 * s)
+    assert make_grid(ims[:1]).size == (s, s)
+    assert upscale(make_grid(ims[:4]), 512).size == (512, 512)
+
+
+# ---- bad bundles -------------------------------------------------------------------------------
+
+@pytest.fixture
+def bundle_copy(tiny_bundle: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(tiny_bundle, tmp_path / "b"))
+
+
+def test_missing_file_is_named(bundle_copy: Path) -> None:
+    (bundle_copy / "decoder.onnx").unlink()
+    with pytest.raises(BundleError, match="decoder.onnx is missing"):
+        Pipeline.load(bundle_copy)
+
+
+def test_corrupt_file_fails_its_hash(bundle_copy: Path) -> None:
+    data = bytearray((bundle_copy / "vqgan.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bundle_copy / "vqgan.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="vqgan.onnx does not match its sha256"):
+        Pipeline.load(bundle_copy)
+
+
+def test_truncated_file_and_unverified_corrupt_graph(bundle_copy: Path) -> None:
+    (bundle_copy / "merges.txt").write_text("#version: 0.2\n")
+    with pytest.raises(BundleError, match="merges.txt has .* bytes"):
+        Bundle.open(bundle_copy)
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    size = manifest["files"]["encoder.onnx"]["bytes"]
+    (bundle_copy / "encoder.onnx").write_bytes(b"\0" * size)      # same size, garbage, hash not checked
+    manifest["files"]["merges.txt"]["bytes"] = (bundle_copy / "merges.txt").stat().st_size
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="cannot load .*encoder.onnx"):
+        Pipeline.load(bundle_copy, verify=False)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.pop("files"), "malformed"),
+    (lambda m: m.update(format="something-else"), "malformed"),
+    (lambda m: m["model"].update(image_grid=8), "malformed"),
+    (lambda m: m["files"].pop("vocab.json"), "does not list vocab.json"),
+])
+def test_bad_manifest(bundle_copy: Path, edit, message: str) -> None:
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    edit(manifest)
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=message):
+        Pipeline.load(bundle_copy)
+
+
+def test_manifest_not_json_and_not_a_bundle(bundle_copy: Path, tmp_path: Path) -> None:
+    (bundle_copy / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        Pipeline.load(bundle_copy)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "flax_model.msgpack").write_bytes(b"")
+    with pytest.raises(BundleError, match="convert it with `dallebot export"):
+        Pipeline.load(ckpt)
+    with pytest.raises(BundleError, match="does not exist"):
+        Pipeline.load(tmp_path / "nowhere")
+
+
+def test_manifest_records_what_the_issue_asks(tiny_bundle: Path) -> None:
+    m = json.loads((tiny_bundle / "manifest.json").read_text())
+    assert m["name"] == "tiny-test" and m["license"] == "Apache-2.0" and m["random_weights"] is False
+    assert m["image"] == {"size": 16, "token_grid": 4, "tokens": 16}
+    assert m["special_tokens"]["image_start"] == TINY.decoder_start_token_id
+    assert set(m["sampling"]) == {"condition_scale", "top_k", "top_p", "temperature"}
+    assert {"encoder.onnx", "decoder.onnx", "vqgan.onnx", "vocab.json", "merges.txt"} <= set(m["files"])
+    assert all(len(f["sha256"]) == 64 for f in m["files"].values())
+    assert "exported_with" in m["provenance"]
