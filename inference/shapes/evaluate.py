@@ -14,7 +14,6 @@ from pathlib import Path
 import textwrap
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
 
 from .grammar import parse, sample_prompt
 from .score import ATTRIBUTES, Score, score_scene
@@ -129,6 +128,8 @@ def evaluate(generate: Generate, n: int = 300, seed: int = 0, batch: int = 16,
 
 def contact_sheet(report: Report, path: str | Path, cols: int = 8, tile: int = 128, limit: int = 64) -> Path:
     """A PNG grid: each tile is an image (upscaled), its prompt, and the failed attributes in red."""
+    from PIL import Image, ImageDraw, ImageFont
+
     items = list(zip(report.scores, report.images))[:limit]
     rows = (len(items) + cols - 1) // cols
     text_h = 52
@@ -149,6 +150,17 @@ def contact_sheet(report: Report, path: str | Path, cols: int = 8, tile: int = 1
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
     return path
+
+
+def pipeline_generator(pipe, **overrides) -> Generate:
+    """An :class:`inference.pipeline.Pipeline` as a generator: one image per prompt, the prompt at
+    index i of a batch seeded ``seed + i``; ``overrides`` are sampling settings (None = manifest)."""
+
+    def generate(prompts: list[str], seed: int) -> list[np.ndarray]:
+        images = pipe.generate(prompts, n_images=1, seeds=[seed + i for i in range(len(prompts))], **overrides)
+        return [np.asarray(group[0].convert("RGB")) for group in images]
+
+    return generate
 
 
 def renderer_generator(n: int = 64, jitter: int = 0) -> Generate:

@@ -1,0 +1,113 @@
+"""``dallebot train shapes`` and ``dallebot eval shapes``.
+
+``register(root)`` attaches both to the root command group (adding to existing ``train`` / ``eval``
+groups when the root already has them). Evaluation needs only the serving dependencies; training
+imports torch lazily (``pip install 'dallebot[train]'``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import click
+
+from ..shipped import SHAPES_BUNDLE
+
+
+def _group(root: click.Group, name: str, help: str) -> click.Group:
+    existing = root.commands.get(name)
+    if isinstance(existing, click.Group):
+        return existing
+    group = click.Group(name, help=help)
+    root.add_command(group)
+    return group
+
+
+@click.command("shapes")
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Training folder: checkpoints, logs, loss curves, the bundle (OUT/bundle).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--scenes", type=int, default=None, help="Rendered training scenes (default 60000).")
+@click.option("--vq-steps", type=int, default=None, help="VQ training steps (default 6000).")
+@click.option("--vq-batch", type=int, default=None)
+@click.option("--vq-lr", type=float, default=None)
+@click.option("--steps", type=int, default=None, help="Transformer training steps (default 6000).")
+@click.option("--batch", type=int, default=None, help="Transformer batch (default 64).")
+@click.option("--lr", type=float, default=None)
+@click.option("--tune/--no-tune", default=True, show_default=True,
+              help="Choose the manifest's sampling defaults by measurement after export.")
+def train_shapes_cmd(out: Path, device: str, threads: int, seed: int, scenes: int | None, vq_steps: int | None,
+                     vq_batch: int | None, vq_lr: float | None, steps: int | None, batch: int | None,
+                     lr: float | None, tune: bool) -> None:
+    """Train the shapes-world model end to end (VQGAN, transformer), export and tune the bundle.
+
+    Seeded and resumable: run the same command again to continue an interrupted run; finished
+    stages are loaded, not retrained.
+    """
+    import argparse
+
+    try:
+        import torch
+    except ImportError:
+        raise click.ClickException("training needs torch: pip install 'dallebot[train]'") from None
+    from ..training.pipeline import Recipe, _recipe_from_args, train_shapes
+
+    if threads:
+        torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    ns = argparse.Namespace(seed=seed, scenes=scenes or Recipe.scenes, vq_steps=vq_steps, vq_batch=vq_batch,
+                            vq_lr=vq_lr, steps=steps, batch=batch, lr=lr)
+    result = train_shapes(out, _recipe_from_args(ns), device=device, tune=tune)
+    click.echo(json.dumps({"bundle": result["bundle"], "sampling": result.get("sampling", {}).get("chosen"),
+                           "training": {k: result["training"].get(k) for k in (
+                               "vq_steps", "vq_seconds", "transformer_steps", "transformer_seconds")}},
+                          indent=2))
+
+
+@click.command("shapes")
+@click.option("--model", "model", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help=f"Bundle to evaluate (default: the shipped {SHAPES_BUNDLE.name} model).")
+@click.option("--n", "n", type=int, default=300, show_default=True, help="Prompts sampled from the grammar.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--sheet", type=click.Path(dir_okay=False, path_type=Path), default=Path("shapes-eval.png"),
+              show_default=True, help="Contact sheet PNG of prompts and images.")
+@click.option("--diversity", type=int, default=0, help="Also measure two-seed diversity on this many prompts.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the scores as JSON too.")
+@click.option("--threads", type=int, default=0, help="onnxruntime threads (0 = all cores).")
+@click.option("--renderer", is_flag=True, help="Score the procedural renderer instead of a model (calibration).")
+@click.option("--condition-scale", type=float, default=None)
+@click.option("--top-k", type=int, default=None)
+@click.option("--temperature", type=float, default=None)
+def eval_shapes_cmd(model: Path | None, n: int, seed: int, sheet: Path, diversity: int, json_out: Path | None,
+                    threads: int, renderer: bool, condition_scale: float | None, top_k: int | None,
+                    temperature: float | None) -> None:
+    """Score a model on shapes-world prompts by the spec's rules (per attribute, unseen pairs)."""
+    from .evaluate import contact_sheet, evaluate, pipeline_generator, renderer_generator
+
+    if renderer:
+        generate, name = renderer_generator(64), "renderer"
+    else:
+        from ..pipeline import Pipeline
+
+        bundle = model or SHAPES_BUNDLE
+        pipe = Pipeline.load(bundle, threads=threads, provider="cpu")
+        generate = pipeline_generator(pipe, condition_scale=condition_scale, top_k=top_k, temperature=temperature)
+        name = f"{pipe.bundle.name} ({bundle}), sampling {pipe.sampling_params(condition_scale=condition_scale, top_k=top_k, temperature=temperature)}"
+    report = evaluate(generate, n=n, seed=seed, diversity_prompts=diversity, progress=True)
+    click.echo(f"model: {name}")
+    click.echo(report.format())
+    click.echo(f"contact sheet: {contact_sheet(report, sheet)}")
+    if json_out:
+        json_out.write_text(json.dumps({"model": name, "seed": seed, **report.as_dict()}, indent=2) + "\n",
+                            encoding="utf-8")
+
+
+def register(root: click.Group) -> None:
+    """Add ``train shapes`` and ``eval shapes`` to the root ``dallebot`` group."""
+    _group(root, "train", "Train models.").add_command(train_shapes_cmd)
+    _group(root, "eval", "Evaluate models.").add_command(eval_shapes_cmd)
