@@ -98,6 +98,58 @@ class LocalPlatformConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class XConfig:
+    # Answer mentions on X/Twitter (needs the credentials below).
+    enabled: bool = False
+    # Send the X API traffic to this loopback server instead (the fake X for tests and offline runs).
+    api_base_url: str = ""
+    # App-only Bearer token (reads mentions).
+    bearer_token: str = secret("")
+    # OAuth 1.0a consumer key and secret of the app, and the bot account's access token and secret.
+    consumer_key: str = secret("")
+    consumer_secret: str = secret("")
+    access_token: str = secret("")
+    access_token_secret: str = secret("")
+    # The bot account's user id and handle; empty means looked up once with GET /2/users/me.
+    bot_user_id: str = ""
+    bot_username: str = ""
+    # Seconds between two polls of the mentions timeline.
+    poll_interval: float = 20.0
+    # Images per request from X (1-4), posted as one 2x2 grid ("grid") or as separate photos ("separate").
+    images: int = 4
+    reply_layout: str = "grid"
+    # Replies with images per UTC day, over all processes.
+    daily_post_budget: int = 300
+    # Refusal replies per UTC day (filtered, paused, banned, over the limit): they cannot be used to spam.
+    daily_refusal_budget: int = 50
+    # Longest wait for a rate-limit reset inside one delivery; longer waits retry the request later.
+    max_rate_limit_wait: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class DiscordConfig:
+    # Answer /dalle on Discord (needs the bot token).
+    enabled: bool = False
+    # REST base and gateway URL overrides (the fake Discord for tests and offline runs).
+    api_base_url: str = ""
+    gateway_url: str = ""
+    # The bot token.
+    token: str = secret("")
+    # Guild ids to register the commands in (instant); empty means global commands.
+    guild_ids: tuple[str, ...] = ()
+    # Channels /dalle may be used in, as "guild_id:channel_id"; a guild with none listed allows all.
+    allowed_channels: tuple[str, ...] = ()
+    # Role names whose members may use /dalle-mod (members with Manage Messages always may).
+    moderator_roles: tuple[str, ...] = ("Moderators",)
+    # Most images one /dalle may ask for (1-10, Discord's attachment limit).
+    max_images: int = 4
+    # Seconds between edits of a request's queue-position message.
+    position_update_seconds: float = 10.0
+    # Deliver through the channel instead of the interaction once its token has fewer seconds left.
+    expiry_margin_seconds: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
 class LoggingConfig:
     # Log level name: DEBUG, INFO, WARNING, ERROR.
     level: str = "INFO"
@@ -113,6 +165,8 @@ class Settings:
     model: ModelConfig = field(default_factory=ModelConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     local: LocalPlatformConfig = field(default_factory=LocalPlatformConfig)
+    x: XConfig = field(default_factory=XConfig)
+    discord: DiscordConfig = field(default_factory=DiscordConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     # Where the settings came from (a file path or "defaults"); not a config key.
     source: str = field(default="defaults", metadata={"internal": True})
@@ -240,9 +294,40 @@ def _validate(s: Settings) -> None:
         (s.logging.level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "logging.level", "must be DEBUG, INFO, WARNING or ERROR"),
         (s.logging.format in ("text", "json"), "logging.format", "must be text or json"),
     ]
+    checks += _platform_checks(s)
     for ok, key, why in checks:
         if not ok:
             raise ConfigError(f"{key} in {src} {why}")
+
+
+def _url_ok(url: str, schemes: tuple[str, ...]) -> bool:
+    return not url or url.split("://", 1)[0] in schemes and "://" in url
+
+
+def _platform_checks(s: Settings) -> list[tuple[bool, str, str]]:
+    x, d = s.x, s.discord
+    return [
+        (_url_ok(x.api_base_url, ("http", "https")), "x.api_base_url", "must be an http(s) URL or empty"),
+        (x.poll_interval >= 1, "x.poll_interval", "must be >= 1 (X allows one poll every 3 s at most)"),
+        (1 <= x.images <= 4, "x.images", "must be between 1 and 4 (X allows 4 photos per post)"),
+        (x.reply_layout in ("grid", "separate"), "x.reply_layout", "must be grid or separate"),
+        (x.daily_post_budget >= 0, "x.daily_post_budget", "must be >= 0"),
+        (x.daily_refusal_budget >= 0, "x.daily_refusal_budget", "must be >= 0"),
+        (x.max_rate_limit_wait >= 0, "x.max_rate_limit_wait", "must be >= 0"),
+        (not x.enabled or bool(x.bearer_token and x.consumer_key and x.consumer_secret and x.access_token
+                               and x.access_token_secret),
+         "x.enabled", "needs bearer_token, consumer_key, consumer_secret, access_token and access_token_secret "
+                      "(or DALLEBOT_X_<KEY> environment variables)"),
+        (_url_ok(d.api_base_url, ("http", "https")), "discord.api_base_url", "must be an http(s) URL or empty"),
+        (_url_ok(d.gateway_url, ("ws", "wss")), "discord.gateway_url", "must be a ws(s) URL or empty"),
+        (not d.enabled or bool(d.token), "discord.enabled", "needs token (or DALLEBOT_DISCORD_TOKEN)"),
+        (all(g.isdigit() for g in d.guild_ids), "discord.guild_ids", "must be numeric guild ids"),
+        (all(len(e.split(":")) == 2 and all(p.isdigit() for p in e.split(":")) for e in d.allowed_channels),
+         "discord.allowed_channels", 'entries must look like "guild_id:channel_id"'),
+        (1 <= d.max_images <= 10, "discord.max_images", "must be between 1 and 10"),
+        (d.position_update_seconds >= 1, "discord.position_update_seconds", "must be >= 1"),
+        (0 <= d.expiry_margin_seconds < 900, "discord.expiry_margin_seconds", "must be between 0 and 900"),
+    ]
 
 
 def secret_values(s: Settings) -> list[str]:

@@ -1,0 +1,132 @@
+"""The adapter interface: the intake half shared by every platform, and the lifecycle the service runs.
+
+Intake
+    An adapter turns a platform event (a mention, an interaction, a button click) into an
+    :class:`IntakeEvent` and calls :func:`admit`. ``admit`` validates the prompt
+    (:func:`bot.intake.validate_prompt`), honours the intake pause switch and any extra ``checks``
+    (a daily budget, per-user limits), and stores the request: ``queued``, or ``rejected`` with the
+    reason. Storing is idempotent on ``(platform, external_id)``, so a duplicated event is one request.
+    The returned :class:`Admission` says whether the adapter owes the user a refusal: only when this
+    call created the rejected request, so a duplicated event is never refused twice.
+
+Delivery
+    The worker calls :class:`bot.platforms.base.Platform`'s ``deliver``/``find_delivery``.
+
+Lifecycle
+    An adapter that takes events by itself implements :class:`IntakeSource`; ``dallebot serve``
+    calls ``start()`` once on its event loop, then ``poll()`` every ``poll_interval`` seconds when
+    that is set (X), and ``stop()`` at shutdown. The scheduler never knows which platform it serves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from bot.intake import PromptRejected, normalize_prompt, validate_prompt
+from bot.platforms import text as texts
+from storage.moderators import intake_paused
+from storage.queue import Queue
+from storage.records import NewRequest, RequestRecord
+from storage.states import Status
+
+#: Longest raw prompt kept in the database (the rest of a pasted novel is dropped before storing).
+MAX_STORED_CHARS = 4000
+
+#: A check run before storing: returns a refusal message (for people) or None to accept.
+Check = Callable[["IntakeEvent"], str | None]
+
+
+@dataclass(frozen=True, slots=True)
+class IntakeEvent:
+    """A platform event, platform-neutral: what :func:`admit` needs to store a request."""
+
+    platform: str
+    external_id: str
+    author_id: str
+    prompt_raw: str
+    author_name: str = ""
+    channel_id: str | None = None
+    guild_id: str | None = None
+    n_images: int = 4
+    seed: int | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    request: RequestRecord
+    created: bool  # False: the same event was stored before (a duplicate)
+    refusal: str | None  # for the user, when the request was refused
+
+    @property
+    def accepted(self) -> bool:
+        return self.request.status != Status.REJECTED
+
+    @property
+    def owes_refusal(self) -> bool:
+        """Post a refusal now: refused, and stored by this call (not a duplicate)."""
+        return self.created and not self.accepted
+
+
+def storable(text: str, limit: int = MAX_STORED_CHARS) -> str:
+    """``text`` as both databases can store it: no NUL (PostgreSQL refuses it in text), no lone
+    surrogates (not encodable as UTF-8), at most ``limit`` characters."""
+    text = text[:limit].replace("\x00", "\ufffd")
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def admit(queue: Queue, event: IntakeEvent, *, max_chars: int, checks: Sequence[Check] = (),
+          actor: str | None = None) -> Admission:
+    """Validate and store ``event``; never raises for bad input (only for storage errors)."""
+    raw = storable(event.prompt_raw)
+    refusal: str | None = None
+    prompt = ""
+    if intake_paused(queue):
+        refusal = texts.PAUSED
+    else:
+        try:
+            prompt = validate_prompt(raw, max_chars=max_chars)
+        except PromptRejected as exc:
+            refusal = str(exc)
+    if refusal is None:
+        for check in checks:
+            refusal = check(event)
+            if refusal is not None:
+                break
+    if not prompt:
+        prompt = normalize_prompt(raw)[:max_chars]
+    new = NewRequest(
+        platform=event.platform, external_id=event.external_id, author_id=event.author_id,
+        author_name=storable(event.author_name, 256), prompt_raw=raw, prompt=prompt, channel_id=event.channel_id,
+        guild_id=event.guild_id, n_images=event.n_images, seed=event.seed, options=dict(event.options),
+    )
+    result = queue.enqueue(new, actor=actor or f"intake:{event.platform}",
+                           status=Status.QUEUED if refusal is None else Status.REJECTED, reason=refusal)
+    rec = result.request
+    if rec.status == Status.REJECTED and (refusal is None or not result.created):
+        refusal = texts.refusal_text(rec.error)  # banned (decided by the queue), or the stored reason
+    elif rec.status != Status.REJECTED:
+        refusal = None
+    return Admission(rec, result.created, refusal)
+
+
+@runtime_checkable
+class IntakeSource(Protocol):
+    """An adapter that receives events by itself (a poller, a gateway connection)."""
+
+    name: str
+    #: Seconds between ``poll()`` calls; None when the adapter is event-driven.
+    poll_interval: float | None
+
+    async def start(self, *, intake: bool) -> None:
+        """Connect. ``intake=False``: only what delivery needs (a worker-only process)."""
+        ...
+
+    async def poll(self) -> int:
+        """One round of intake; returns how many events it handled."""
+        ...
+
+    async def stop(self) -> None:
+        ...

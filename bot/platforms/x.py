@@ -1,0 +1,376 @@
+"""The X/Twitter adapter: poll mentions, store requests, reply in the thread with the images.
+
+Intake (``poll``; ``dallebot serve`` runs it every ``[x] poll_interval`` seconds)
+    * Only one process polls: a lease row in the database (:class:`storage.platform_state.Lease`),
+      taken or renewed at each poll; another process takes over once it expires.
+    * ``GET /2/users/:id/mentions`` with ``since_id`` = the cursor ``x:since_id`` in the database,
+      following ``next_token`` to the end. The cursor moves to the first page's ``newest_id`` only
+      after every mention of the round was stored; a crash or a 429 mid-round re-reads the same
+      mentions next time, and storing is idempotent on the mention id (the root of its edit chain),
+      so a restart neither loses nor repeats any. The first poll ever reads one page only (no
+      backfill of 800 old mentions).
+    * Skipped without a reply: the bot's own posts, retweets, and posts that name the bot only in X's
+      reply prefix (replies in a thread the bot is part of).
+    * The prompt is the displayed text without the leading @mentions and URLs
+      (:func:`bot.platforms.text.extract_x_prompt`). Refused mentions (empty, too long, no words,
+      paused, banned, daily budget spent) are stored as ``rejected`` and get one friendly reply,
+      within ``[x] daily_refusal_budget`` and only when this poll stored them.
+
+Delivery (the worker, in a thread)
+    One reply to the mention with the images: a 2x2 grid by default (one upload), or up to 4 photos.
+    Images go through ``POST /2/media/upload``, OAuth 1.0a signed (:mod:`bot.x_media`; tweepy 4.17
+    only wraps the deprecated v1.1 upload). The text has the request id (X refuses duplicate text)
+    and no URL or prompt echo. ``[x] daily_post_budget`` replies per UTC day over all processes.
+
+Rate limits
+    A response hook on the tweepy session reads ``x-rate-limit-remaining/-reset`` (and the 24-hour
+    ``x-user-limit-24hour-*`` of ``POST /2/tweets``) of every response; a route with nothing left,
+    or a 429, is not called again before its reset. The poller skips rounds until then; a delivery
+    waits up to ``[x] max_rate_limit_wait`` seconds, or hands the request back with ``retry_after``.
+    Deleted or protected tweets (403/404 on the reply) fail without retry.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import requests
+import tweepy
+from PIL import Image
+
+from bot.config import XConfig
+from bot.platforms import text as texts
+from bot.platforms.admission import Admission, Check, IntakeEvent, admit
+from bot.platforms.base import Delivery, DeliveryError
+from bot.x_media import upload_image_for_client
+from storage.platform_state import DailyCounter, Lease, audit
+from storage.queue import Queue
+from storage.records import RequestRecord
+
+_log = logging.getLogger(__name__)
+
+CURSOR = "x:since_id"
+LEASE = "x:poller"
+POST_BUDGET = "x:budget:posts"
+REFUSAL_BUDGET = "x:budget:refusals"
+MAX_IMAGE_BYTES = 5 * 1024 * 1024
+
+MENTION_PARAMS: dict[str, Any] = dict(
+    tweet_fields=["author_id", "conversation_id", "created_at", "in_reply_to_user_id", "referenced_tweets",
+                  "entities", "display_text_range", "edit_history_tweet_ids"],
+    expansions=["author_id"],
+    user_fields=["username", "name"],
+    max_results=100,
+)
+
+
+def _route(method: str, url: str) -> str:
+    """The rate-limit bucket of a request, as this adapter uses them."""
+    path = url.split("?", 1)[0]
+    if "/media/upload" in path:
+        return "upload"
+    if path.endswith("/mentions"):
+        return "mentions"
+    if method == "POST" and path.endswith("/2/tweets"):
+        return "post"
+    if "/users/" in path and path.endswith("/tweets"):
+        return "timeline"
+    return "other"
+
+
+class XPlatform:
+    name = "x"
+
+    def __init__(
+        self,
+        cfg: XConfig,
+        queue: Queue,
+        *,
+        max_prompt_chars: int = 280,
+        checks: Sequence[Check] = (),
+        owner: str | None = None,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+        lease_seconds: float | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.queue = queue
+        self.max_prompt_chars = max_prompt_chars
+        self.checks = list(checks)
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.clock = clock
+        self.sleep = sleep
+        self.poll_interval: float | None = cfg.poll_interval
+        self.lease_seconds = lease_seconds or max(60.0, 3 * cfg.poll_interval)
+        self.client = tweepy.Client(
+            bearer_token=cfg.bearer_token or None, consumer_key=cfg.consumer_key or None,
+            consumer_secret=cfg.consumer_secret or None, access_token=cfg.access_token or None,
+            access_token_secret=cfg.access_token_secret or None, wait_on_rate_limit=False,
+        )
+        if cfg.api_base_url:
+            from bot.fakes.x_transport import mount_fake_x  # loopback only: it refuses anything else
+
+            mount_fake_x(self.client.session, cfg.api_base_url)
+        self.client.session.hooks["response"].append(self._observe)
+        self.lease = Lease(queue.db, LEASE, clock=queue.clock)
+        self.posts = DailyCounter(queue.db, POST_BUDGET, clock=queue.clock)
+        self.refusals = DailyCounter(queue.db, REFUSAL_BUDGET, clock=queue.clock)
+        self._blocked: dict[str, float] = {}
+        self._blocked_lock = threading.Lock()
+        self._bot: tuple[str, str] | None = (
+            (cfg.bot_user_id, cfg.bot_username) if cfg.bot_user_id and cfg.bot_username else None)
+
+    # ---- rate limits ----------------------------------------------------------------------
+
+    def _observe(self, response: requests.Response, *args: Any, **kwargs: Any) -> None:
+        """requests response hook: remember when a route may be called again."""
+        route = _route(response.request.method or "GET", response.request.url or "")
+        h = response.headers
+        until = None
+        if response.status_code == 429 or h.get("x-rate-limit-remaining") == "0":
+            until = h.get("x-rate-limit-reset")
+        if h.get("x-user-limit-24hour-remaining") == "0":
+            until = h.get("x-user-limit-24hour-reset") or until
+        with self._blocked_lock:
+            if until is not None and until.isdigit():
+                self._blocked[route] = float(until) + 1.0  # reset is in whole seconds: keep a margin
+            elif response.status_code != 429:
+                self._blocked.pop(route, None)
+            elif route not in self._blocked:  # a 429 with no reset header: back off a minute
+                self._blocked[route] = self.clock() + 60.0
+
+    def _block(self, route: str, reset_time: int | None) -> None:
+        with self._blocked_lock:
+            if reset_time is not None:
+                self._blocked[route] = max(self._blocked.get(route, 0.0), float(reset_time) + 1.0)
+            else:
+                self._blocked.setdefault(route, self.clock() + 60.0)
+
+    def wait_needed(self, route: str) -> float:
+        """Seconds before ``route`` may be called again (0: now)."""
+        with self._blocked_lock:
+            return max(0.0, self._blocked.get(route, 0.0) - self.clock())
+
+    # ---- identity ---------------------------------------------------------------------------
+
+    def bot_identity(self) -> tuple[str, str]:
+        """(user id, handle) of the bot account: from the settings, else ``GET /2/users/me`` once."""
+        if self._bot is None:
+            me = self.client.get_me(user_auth=True).data
+            self._bot = (self.cfg.bot_user_id or str(me.id), self.cfg.bot_username or me.username)
+        return self._bot
+
+    # ---- lifecycle (IntakeSource) ---------------------------------------------------------
+
+    async def start(self, *, intake: bool) -> None:
+        import asyncio
+
+        if intake:
+            await asyncio.to_thread(self.bot_identity)
+
+    async def poll(self) -> int:
+        import asyncio
+
+        return await asyncio.to_thread(self.poll_once)
+
+    async def stop(self) -> None:
+        import asyncio
+
+        await asyncio.to_thread(self.lease.release, self.owner)
+        self.client.session.close()
+
+    # ---- intake ---------------------------------------------------------------------------
+
+    def poll_once(self) -> int:
+        """One round: read new mentions and store them; returns how many new requests were stored."""
+        if not self.lease.acquire(self.owner, self.lease_seconds):
+            return 0  # another process is the poller
+        if self.wait_needed("mentions") > 0:
+            return 0  # waiting out a rate limit
+        try:
+            bot_id, bot_name = self.bot_identity()
+        except (tweepy.TweepyException, requests.RequestException) as exc:
+            _log.warning("X: cannot look up the bot account: %s", exc)
+            return 0
+        since = self.queue.get_cursor(CURSOR)
+        tweets: dict[int, Any] = {}
+        users: dict[str, Any] = {}
+        newest: int | None = None
+        complete = False
+        token: str | None = None
+        try:
+            while True:
+                page = self.client.get_users_mentions(bot_id, since_id=since, pagination_token=token,
+                                                      **MENTION_PARAMS)
+                for t in page.data or []:
+                    tweets[int(t.id)] = t
+                for u in (page.includes or {}).get("users", []):
+                    users[str(u.id)] = u
+                meta = page.meta or {}
+                if newest is None and meta.get("newest_id"):
+                    newest = int(meta["newest_id"])
+                token = meta.get("next_token")
+                if not token or since is None:
+                    complete = True
+                    break
+        except tweepy.TooManyRequests as exc:
+            self._block("mentions", exc.reset_time)
+            _log.warning("X: mentions rate-limited until %s", exc.reset_time)
+        except (tweepy.TweepyException, requests.RequestException) as exc:
+            _log.warning("X: polling mentions failed: %s", exc)
+        stored = 0
+        for tid in sorted(tweets):  # oldest first: the queue serves in arrival order
+            if self._handle_mention(tweets[tid], users, bot_id, bot_name):
+                stored += 1
+        if complete and newest is not None and (since is None or newest > int(since)):
+            self.queue.set_cursor(CURSOR, str(newest))
+        return stored
+
+    def _handle_mention(self, tweet: Any, users: dict[str, Any], bot_id: str, bot_name: str) -> bool:
+        author_id = str(tweet.author_id)
+        if author_id == bot_id:
+            return False
+        refs = tweet.referenced_tweets or []
+        if any(r.type == "retweeted" for r in refs):
+            return False
+        text = tweet.text or ""
+        if not texts.mentions_in_display(text, tweet.display_text_range, bot_name):
+            return False
+        history = tweet.edit_history_tweet_ids or [tweet.id]
+        author = users.get(author_id)
+        event = IntakeEvent(
+            platform=self.name, external_id=str(history[0]), author_id=author_id,
+            author_name=getattr(author, "username", "") or "",
+            prompt_raw=texts.extract_x_prompt(text, tweet.display_text_range),
+            channel_id=str(tweet.conversation_id) if tweet.conversation_id else None,
+            n_images=self.cfg.images, options={"reply_to": str(tweet.id)},
+        )
+        adm = admit(self.queue, event, max_chars=self.max_prompt_chars, checks=[self._budget_check, *self.checks])
+        if adm.owes_refusal:
+            self._refuse(adm)
+        return adm.created
+
+    def _budget_check(self, event: IntakeEvent) -> str | None:
+        return texts.DAILY_LIMIT if self.posts.used() >= self.cfg.daily_post_budget else None
+
+    def _refuse(self, adm: Admission) -> None:
+        """Reply once to a refused mention, within the daily refusal budget; record what happened."""
+        req = adm.request
+        actor = f"intake:{self.name}"
+        if not self.refusals.take(self.cfg.daily_refusal_budget):
+            audit(self.queue.db, request_id=req.id, actor=actor, action="refusal_skipped",
+                  reason="daily refusal budget spent", clock=self.queue.clock)
+            return
+        if self.wait_needed("post") > 0:
+            audit(self.queue.db, request_id=req.id, actor=actor, action="refusal_skipped",
+                  reason="posting is rate-limited", clock=self.queue.clock)
+            return
+        reply_to = str(req.options.get("reply_to") or req.external_id)
+        try:
+            resp = self.client.create_tweet(text=texts.x_refusal(adm.refusal or texts.GENERIC_REFUSAL, req.id),
+                                            in_reply_to_tweet_id=reply_to)
+        except tweepy.TooManyRequests as exc:
+            self._block("post", exc.reset_time)
+            audit(self.queue.db, request_id=req.id, actor=actor, action="refusal_failed", reason="rate-limited",
+                  clock=self.queue.clock)
+            return
+        except (tweepy.TweepyException, requests.RequestException) as exc:
+            audit(self.queue.db, request_id=req.id, actor=actor, action="refusal_failed", reason=str(exc)[:500],
+                  clock=self.queue.clock)
+            return
+        audit(self.queue.db, request_id=req.id, actor=actor, action="refusal_posted",
+              reason=f"reply {resp.data['id']}", clock=self.queue.clock)
+
+    # ---- delivery -------------------------------------------------------------------------
+
+    def _images(self, images: list[Path]) -> list[bytes]:
+        from inference.images import make_grid, png_bytes
+
+        paths = images[:4]
+        if self.cfg.reply_layout == "separate" or len(paths) == 1:
+            out = [Path(p).read_bytes() for p in paths]
+        else:
+            pics = [Image.open(p).convert("RGB") for p in paths]
+            size = pics[0].size
+            grid = make_grid([im if im.size == size else im.resize(size) for im in pics])
+            out = [png_bytes(grid)]
+        for data in out:
+            if len(data) > MAX_IMAGE_BYTES:
+                raise DeliveryError(f"image of {len(data)} bytes is over X's 5 MB limit", permanent=True)
+        return out
+
+    def _call(self, route: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Call the API, honouring the route's rate limit: wait a short reset out, else hand back."""
+        for _ in range(3):
+            wait = self.wait_needed(route)
+            if wait > 0:
+                if wait > self.cfg.max_rate_limit_wait:
+                    raise DeliveryError(f"X rate limit on {route}: resets in {wait:.0f}s", retry_after=wait)
+                self.sleep(wait)
+            try:
+                return fn(*args, **kwargs)
+            except tweepy.TooManyRequests as exc:
+                self._block(route, exc.reset_time)
+            except (tweepy.Forbidden, tweepy.NotFound) as exc:
+                detail = "; ".join(exc.api_messages) or str(exc)
+                if "duplicate content" in detail:
+                    raise _DuplicateContent(detail) from exc
+                status = exc.response.status_code
+                # A reply to a deleted, protected or invisible post: no retry will help.
+                raise DeliveryError(f"X refused ({status}): {detail}", permanent=route == "post") from exc
+            except tweepy.BadRequest as exc:
+                raise DeliveryError(f"X rejected the request: {exc}", permanent=True) from exc
+            except (tweepy.TweepyException, requests.RequestException) as exc:
+                raise DeliveryError(f"X call failed: {exc}") from exc
+        raise DeliveryError(f"X rate limit on {route}", retry_after=max(1.0, self.wait_needed(route)))
+
+    def deliver(self, request: RequestRecord, images: list[Path]) -> Delivery:
+        if not images:
+            raise DeliveryError("no images to post", permanent=True)
+        if not self.posts.take(self.cfg.daily_post_budget):
+            raise DeliveryError("the daily X posting budget is spent", retry_after=self.posts.seconds_to_reset())
+        payloads = self._images(images)
+        reply_to = str(request.options.get("reply_to") or request.external_id)
+        try:
+            media_ids = [self._call("upload", upload_image_for_client, self.client, data).id for data in payloads]
+            resp = self._call("post", self.client.create_tweet, text=texts.x_result(request.id, len(images[:4]),
+                                                                                    request.seed),
+                              in_reply_to_tweet_id=reply_to, media_ids=media_ids)
+        except _DuplicateContent as exc:  # posted before a crash: find that reply
+            found = self.find_delivery(request)
+            if found is not None:
+                return found
+            raise DeliveryError(f"X refused the reply as duplicate content: {exc}", permanent=True) from exc
+        return self._delivery(str(resp.data["id"]))
+
+    def _delivery(self, tweet_id: str) -> Delivery:
+        name = self._bot[1] if self._bot else "i"
+        return Delivery(reply_id=tweet_id, reply_url=f"https://x.com/{name}/status/{tweet_id}")
+
+    def find_delivery(self, request: RequestRecord) -> Delivery | None:
+        """A reply with media to this mention among the bot's posts since the mention, if any."""
+        reply_to = str(request.options.get("reply_to") or request.external_id)
+        try:
+            bot_id, _ = self.bot_identity()
+            resp = self._call("timeline", self.client.get_users_tweets, bot_id, since_id=reply_to, max_results=100,
+                              tweet_fields=["referenced_tweets", "attachments"], user_auth=True)
+        except _DuplicateContent:  # not raised by reads
+            return None
+        for t in resp.data or []:
+            replied = any(r.type == "replied_to" and str(r.id) == reply_to for r in (t.referenced_tweets or []))
+            if replied and (t.attachments or {}).get("media_keys"):
+                return self._delivery(str(t.id))
+        return None
+
+
+class _DuplicateContent(Exception):
+    pass
+

@@ -1,0 +1,330 @@
+"""The X adapter end to end: the real tweepy Client against the fake X, the real queue (SQLite and
+PostgreSQL) and the real worker with a small test generator."""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from bot.config import XConfig
+from bot.fakes.x_server import FakeX, XTweet
+from bot.platforms import text as texts
+from bot.platforms.x import CURSOR, XPlatform
+from bot.worker import Worker
+from storage.moderators import INTAKE_PAUSED, Switches
+from storage.queue import Queue
+from storage.states import Status
+from tests.conftest import FakeClock
+from tests.e2e.adapter_support import BAD_INPUT, LetterGenerator
+
+MENTIONS = "GET /2/users/:id/mentions"
+
+
+class EpochClock:
+    """A settable Unix clock shared by the fake X (rate-limit windows) and the adapter."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def xclock() -> EpochClock:
+    return EpochClock()
+
+
+@pytest.fixture
+def fake(xclock: EpochClock) -> Iterator[FakeX]:
+    with FakeX(clock=xclock) as server:
+        yield server
+
+
+def make_x(fake: FakeX, queue: Queue, xclock: EpochClock, **cfg: Any) -> XPlatform:
+    settings = XConfig(enabled=True, api_base_url=fake.base_url, poll_interval=5.0, **fake.credentials(), **cfg)
+    return XPlatform(settings, queue, clock=xclock, sleep=xclock.advance)
+
+
+@pytest.fixture
+def x(fake: FakeX, queue: Queue, xclock: EpochClock) -> Iterator[XPlatform]:
+    adapter = make_x(fake, queue, xclock)
+    yield adapter
+    adapter.client.session.close()
+
+
+@pytest.fixture
+def worker(queue: Queue, x: XPlatform, tmp_path: Path) -> Worker:
+    return Worker(queue, LetterGenerator(), {"x": x}, tmp_path / "images", owner="test-worker")
+
+
+def work(worker: Worker) -> None:
+    while worker.generate_batch() or worker.deliver_batch():
+        pass
+
+
+def shown(reply: XTweet) -> str:
+    """The reply's text without the "@author " prefix X adds."""
+    return reply.text[reply.display_start:]
+
+
+def one_request(queue: Queue, mention: XTweet):
+    [rec] = [r for r in queue.list(platform="x") if r.external_id == mention.id]
+    return rec
+
+
+def test_mention_becomes_exactly_one_threaded_reply_with_the_image(fake: FakeX, x: XPlatform, worker: Worker,
+                                                                  queue: Queue) -> None:
+    alice, pixel = fake.add_user("alice"), fake.add_user("pixel_fan")
+    lamp = fake.add_tweet(pixel, "look at my new lamp")
+    mention = fake.add_mention(alice, "@dalle_mini_bot @pixel_fan this lamp as a cathedral https://t.co/abc",
+                               reply_to=lamp)
+
+    assert x.poll_once() == 1
+    rec = one_request(queue, mention)
+    assert rec.status == Status.QUEUED and rec.prompt == "this lamp as a cathedral"
+    assert rec.author_id == alice.id and rec.author_name == "alice" and rec.n_images == 4
+    assert queue.get_cursor(CURSOR) == mention.id
+
+    work(worker)
+
+    [reply] = fake.replies_to(mention)
+    assert reply.author_id == fake.bot.id and reply.conversation_id == lamp.conversation_id
+    assert "http" not in reply.text and "cathedral" not in reply.text and f"#{rec.id}" in reply.text
+    [key] = reply.media_keys
+    media = next(m for m in fake.media.values() if m.media_key == key)
+    assert (media.width, media.height) == (128, 128)  # one 2x2 grid of the four 64x64 images
+    assert Image.open(io.BytesIO(media.data)).size == (128, 128)
+    upload = fake.requests_to("POST /2/media/upload")[0]
+    assert upload.auth == f"user:{fake.bot.id}" and upload.headers["authorization"].startswith("OAuth ")
+    done = queue.get(rec.id)
+    assert done.status == Status.POSTED and done.reply_id == reply.id
+
+    assert x.poll_once() == 0  # nothing new; still one reply
+    work(worker)
+    assert len(fake.replies_to(mention)) == 1
+
+
+def test_separate_photos_layout(fake: FakeX, queue: Queue, xclock: EpochClock, tmp_path: Path) -> None:
+    x = make_x(fake, queue, xclock, reply_layout="separate", images=3)
+    worker = Worker(queue, LetterGenerator(), {"x": x}, tmp_path / "img", owner="w")
+    mention = fake.add_mention(fake.add_user("bob"), "three red foxes")
+    x.poll_once()
+    work(worker)
+    [reply] = fake.replies_to(mention)
+    assert len(reply.media_keys) == 3
+
+
+def test_duplicated_and_edited_mention_is_one_request(fake: FakeX, x: XPlatform, worker: Worker,
+                                                      queue: Queue) -> None:
+    alice = fake.add_user("alice")
+    mention = fake.add_mention(alice, "a red fox")
+    assert x.poll_once() == 1
+    fake.redeliver(mention, times=2)
+    assert x.poll_once() == 0
+    fake.edit_tweet(mention, "@dalle_mini_bot a red fox, but better")  # a new post id, same edit root
+    assert x.poll_once() == 0
+    assert len(queue.list(platform="x")) == 1
+    work(worker)
+    assert len(fake.replies_to(mention)) == 1
+
+
+def test_restart_mid_poll_repeats_nothing(fake: FakeX, x: XPlatform, worker: Worker, queue: Queue,
+                                          xclock: EpochClock, clock: FakeClock,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    alice, bob = fake.add_user("alice"), fake.add_user("bob")
+    good = fake.add_mention(alice, "a lighthouse at dusk")
+    empty = fake.add_mention(bob, "")  # refused: gets one refusal reply
+
+    class Crash(BaseException):
+        pass
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise Crash  # the process dies after storing the requests, before saving since_id
+
+    monkeypatch.setattr(queue, "set_cursor", crash)
+    with pytest.raises(Crash):
+        x.poll_once()
+    monkeypatch.undo()
+    assert queue.get_cursor(CURSOR) is None
+    assert len(fake.replies_to(empty)) == 1  # the refusal went out before the crash
+
+    # A new process: it waits for the dead poller's lease to expire, then reads the same mentions.
+    restarted = make_x(fake, queue, xclock)
+    assert restarted.poll_once() == 0 and fake.requests_to(MENTIONS)[-1:] == fake.requests_to(MENTIONS)[:1]
+    clock.advance(restarted.lease_seconds + 1)
+    assert restarted.poll_once() == 0  # both mentions were stored already: nothing new
+    assert queue.get_cursor(CURSOR) == empty.id
+    assert len(queue.list(platform="x")) == 2
+    assert len(fake.replies_to(empty)) == 1  # not refused twice
+
+    work(Worker(queue, LetterGenerator(), {"x": restarted}, worker.images_dir, owner="w2"))
+    assert len(fake.replies_to(good)) == 1
+    assert one_request(queue, good).status == Status.POSTED
+    restarted.client.session.close()
+
+
+def test_only_one_poller_across_processes(fake: FakeX, x: XPlatform, queue: Queue, xclock: EpochClock,
+                                          clock: FakeClock) -> None:
+    other = make_x(fake, queue, xclock)
+    fake.add_mention(fake.add_user("alice"), "a cat")
+    assert x.poll_once() == 1
+    fake.add_mention(fake.add_user("bob"), "a dog")
+    assert other.poll_once() == 0
+    assert len(fake.requests_to(MENTIONS)) == 1  # the second process did not even ask
+    assert x.poll_once() == 1  # the holder renews its lease
+    clock.advance(x.lease_seconds + 1)  # the holder died: the lease expires, the other takes over
+    fake.add_mention(fake.add_user("carol"), "a bird")
+    assert other.poll_once() == 1
+    assert x.poll_once() == 0  # and now the first one stays out
+    other.client.session.close()
+
+
+def test_429_on_mentions_is_waited_out(fake: FakeX, x: XPlatform, queue: Queue, xclock: EpochClock) -> None:
+    mention = fake.add_mention(fake.add_user("alice"), "a slow snail")
+    fake.inject_rate_limit(MENTIONS, count=1, reset_after=30)
+    assert x.poll_once() == 0
+    assert x.wait_needed("mentions") > 29
+    assert x.poll_once() == 0  # still before the reset: the adapter does not call X at all
+    assert [r.status for r in fake.requests_to(MENTIONS)] == [429]
+    xclock.advance(31)
+    assert x.poll_once() == 1
+    assert one_request(queue, mention).status == Status.QUEUED
+
+
+def test_rate_limit_headers_with_nothing_left_are_honoured(fake: FakeX, queue: Queue, xclock: EpochClock) -> None:
+    fake.rate_limits[MENTIONS] = (300, 2)  # the app may read mentions twice per window
+    x = make_x(fake, queue, xclock)
+    assert x.poll_once() == 0 and x.poll_once() == 0  # the second response says 0 remaining
+    assert x.wait_needed("mentions") > 800
+    assert x.poll_once() == 0
+    assert [r.status for r in fake.requests_to(MENTIONS)] == [200, 200]  # no 429 was spent
+    x.client.session.close()
+
+
+def test_429_on_reply_is_waited_out(fake: FakeX, x: XPlatform, worker: Worker, queue: Queue) -> None:
+    mention = fake.add_mention(fake.add_user("alice"), "a patient cat")
+    x.poll_once()
+    fake.inject_rate_limit("POST /2/tweets", count=1, reset_after=5)
+    work(worker)
+    assert [r.status for r in fake.requests_to("POST /2/tweets")] == [429, 201]
+    assert len(fake.replies_to(mention)) == 1
+    assert one_request(queue, mention).status == Status.POSTED
+
+
+def test_long_rate_limit_hands_the_delivery_back(fake: FakeX, x: XPlatform, worker: Worker, queue: Queue) -> None:
+    mention = fake.add_mention(fake.add_user("alice"), "a very patient cat")
+    x.poll_once()
+    fake.inject_rate_limit("POST /2/media/upload", count=1, reset_after=600)
+    work(worker)
+    rec = one_request(queue, mention)
+    assert rec.status == Status.GENERATED and "rate limit" in (rec.error or "")
+    assert (rec.run_at - queue.clock()).total_seconds() >= 590  # comes back after the reset
+    assert fake.replies_to(mention) == []
+
+
+@pytest.mark.parametrize("reply_error", [403, 404])
+def test_deleted_or_protected_tweet_fails_without_retry(fake: FakeX, x: XPlatform, worker: Worker, queue: Queue,
+                                                        reply_error: int) -> None:
+    alice, carol = fake.add_user("alice"), fake.add_user("carol")
+    deleted = fake.add_mention(alice, "a castle")
+    protected = fake.add_mention(carol, "a forest")
+    x.poll_once()
+    worker.generate_batch()
+    fake.delete_tweet(deleted, reply_error=reply_error)
+    fake.protect_user(carol)
+    worker.deliver_batch()
+    for mention in (deleted, protected):
+        rec = one_request(queue, mention)
+        assert rec.status == Status.FAILED and rec.attempts == 2  # one generation, one delivery: no retry
+    assert len(fake.requests_to("POST /2/tweets")) == 2
+
+
+def test_refusals_have_their_own_daily_budget(fake: FakeX, queue: Queue, xclock: EpochClock) -> None:
+    x = make_x(fake, queue, xclock, daily_refusal_budget=2)
+    mentions = [fake.add_mention(fake.add_user(f"spammer{i}"), "") for i in range(4)]
+    assert x.poll_once() == 4
+    replied = [m for m in mentions if fake.replies_to(m)]
+    assert replied == mentions[:2]  # oldest first, then the budget is spent
+    for m in mentions:
+        assert one_request(queue, m).status == Status.REJECTED
+    actions = [a.action for a in queue.audit() if a.action.startswith("refusal")]
+    assert actions == ["refusal_posted", "refusal_posted", "refusal_skipped", "refusal_skipped"]
+    [reply] = fake.replies_to(mentions[0])
+    assert shown(reply).startswith("Please give me something to draw") and "http" not in reply.text
+    x.client.session.close()
+
+
+def test_daily_post_budget(fake: FakeX, queue: Queue, xclock: EpochClock, tmp_path: Path) -> None:
+    x = make_x(fake, queue, xclock, daily_post_budget=1)
+    worker = Worker(queue, LetterGenerator(), {"x": x}, tmp_path / "img", owner="w")
+    first = fake.add_mention(fake.add_user("alice"), "a first cat")
+    x.poll_once()
+    work(worker)
+    assert len(fake.replies_to(first)) == 1
+    second = fake.add_mention(fake.add_user("bob"), "a second cat")
+    x.poll_once()
+    rec = one_request(queue, second)
+    assert rec.status == Status.REJECTED and rec.error == texts.DAILY_LIMIT
+    [refusal] = fake.replies_to(second)
+    assert shown(refusal).startswith(texts.DAILY_LIMIT) and not refusal.media_keys
+    x.client.session.close()
+
+
+def test_banned_and_paused_get_one_friendly_refusal(fake: FakeX, x: XPlatform, queue: Queue) -> None:
+    mallory = fake.add_user("mallory")
+    queue.set_ban(f"x:{mallory.id}", True, actor="test")
+    banned = fake.add_mention(mallory, "a nice picture")
+    x.poll_once()
+    assert one_request(queue, banned).status == Status.REJECTED
+    assert shown(fake.replies_to(banned)[0]).startswith(texts.BANNED)
+
+    Switches(queue).set(INTAKE_PAUSED, True, actor="test")
+    paused = fake.add_mention(fake.add_user("alice"), "a cat while paused")
+    x.poll_once()
+    assert one_request(queue, paused).status == Status.REJECTED
+    assert shown(fake.replies_to(paused)[0]).startswith("The bot is paused")
+
+
+def test_own_posts_retweets_and_thread_replies_are_ignored(fake: FakeX, x: XPlatform, queue: Queue) -> None:
+    alice = fake.add_user("alice")
+    mention = fake.add_mention(alice, "a cat")
+    x.poll_once()
+    bot_reply = fake.add_tweet(fake.bot, "@dalle_mini_bot note to self")  # the bot's own post
+    thanks = fake.add_tweet(alice, "thanks!", reply_to=fake.add_tweet(fake.bot, "here", reply_to=mention))
+    assert fake.bot.id in thanks.mention_ids  # X lists the bot in the reply prefix, so it is a "mention"
+    x.poll_once()
+    ids = {r.external_id for r in queue.list(platform="x")}
+    assert ids == {mention.id} and bot_reply.id not in ids
+
+
+def test_bad_input_through_x(fake: FakeX, x: XPlatform, worker: Worker, queue: Queue) -> None:
+    mentions = {name: fake.add_mention(fake.add_user(f"user{i}"), f"@dalle_mini_bot {text}")
+                for i, (name, text) in enumerate(BAD_INPUT)}
+    assert x.poll_once() == len(BAD_INPUT)
+    work(worker)
+    for name, mention in mentions.items():
+        rec = one_request(queue, mention)
+        replies = fake.replies_to(mention)
+        assert len(replies) == 1, name  # exactly one reply: the images or a clear refusal
+        assert "http" not in replies[0].text
+        if rec.status == Status.REJECTED:
+            assert not replies[0].media_keys and shown(replies[0]).startswith(rec.error or "?"), name
+        else:
+            assert rec.status == Status.POSTED and replies[0].media_keys, name
+            assert not any(ch in rec.prompt for ch in "\x00\x1b\u200b\u202e\ufeff"), name
+    rejected = {n for n, m in mentions.items() if one_request(queue, m).status == Status.REJECTED}
+    assert rejected == {"empty", "only mentions", "over-long", "zero-width only", "emoji only"}
+    sql = one_request(queue, mentions["sql"])
+    assert sql.prompt == "a cat'); DROP TABLE requests; -- \" OR 1=1"  # stored as text, tables intact
+    html = one_request(queue, mentions["html"])
+    assert html.prompt_raw.startswith("<script>")
