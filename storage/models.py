@@ -61,10 +61,15 @@ class Request(Base):
             postgresql_where=text("status = 'queued'"),
             sqlite_where=text("status = 'queued'"),
         ),
-        Index("ix_requests_status_updated", "status", "updated_at"),
         Index("ix_requests_author", "platform", "author_id", "created_at"),
         Index("ix_requests_created", "created_at"),
-        Index("ix_requests_slot", "slot"),
+        # min(slot) of the queue, read by every enqueue (fair-share order)
+        Index(
+            "ix_requests_queued_slot",
+            "slot",
+            postgresql_where=text("status = 'queued'"),
+            sqlite_where=text("status = 'queued'"),
+        ),
         Index(
             "ix_requests_lease",
             "lease_expires_at",

@@ -3,7 +3,8 @@
 Ordering and fairness
     Requests are served by ``(priority, slot, id)``, smallest first. ``slot`` is a fair-share
     counter: when a user enqueues, the request gets ``max(user.next_slot, virtual time)`` where the
-    virtual time is the smallest slot still queued. One user's 50 requests therefore take slots
+    virtual time is the smallest slot still queued (with an empty queue, the newest request's
+    slot). One user's 50 requests therefore take slots
     s, s+1, ..., s+49, while another user's first request lands at the head of the line, right after
     the request being served now: users are interleaved round-robin, at O(log n) per claim.
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import random
 import secrets
 from collections.abc import Callable, Iterator, Sequence
@@ -139,23 +141,33 @@ class Queue:
         from_status: str,
         to_status: str,
         reason: Callable[[Any], Any] | None = None,
-    ) -> list[RequestRecord]:
-        """Run an UPDATE of requests and write one audit row per updated request.
+        ids_only: bool = False,
+    ) -> list[Any]:
+        """Run an UPDATE of requests and write one audit row per updated request; returns the
+        updated records (or only their ids, with ``ids_only``).
 
         On PostgreSQL this is one statement (the audit INSERT is a data-modifying CTE over the
         UPDATE's RETURNING), on SQLite two (no network round trips to save there).
         ``reason`` maps the updated rows (a CTE or a Row) to the reason expression or value.
         """
         now = self.clock()
+        returning = [R.c.id, R.c.attempts] if ids_only else list(R.c)
         if self.db.is_sqlite:
-            rows = conn.execute(stmt.returning(*R.c)).all()
+            rows = conn.execute(stmt.returning(*returning)).all()
             self._audit(conn, [
                 {"request_id": r.id, "actor": actor, "action": action, "from_status": from_status,
                  "to_status": to_status, "reason": reason(r) if reason else None}
                 for r in rows
             ])
-            return [RequestRecord.from_row(r) for r in rows]
-        upd = stmt.returning(*R.c).cte("upd")
+        else:
+            rows = conn.execute(self._audited_cte(stmt.returning(*returning), now, actor, action, from_status,
+                                                  to_status, reason)).all()
+        return [r.id for r in rows] if ids_only else [RequestRecord.from_row(r) for r in rows]
+
+    @staticmethod
+    def _audited_cte(stmt: Any, now: dt.datetime, actor: str, action: str, from_status: str, to_status: str,
+                     reason: Callable[[Any], Any] | None) -> sa.Select:
+        upd = stmt.cte("upd")
         cols = ["request_id", "actor", "action", "from_status", "to_status", "reason", "created_at"]
         src = select(
             upd.c.id,
@@ -167,8 +179,7 @@ class Queue:
             sa.literal(now, sa.DateTime),
         )
         ins = insert(A).from_select(cols, src).cte("ins")
-        rows = conn.execute(select(upd).add_cte(ins)).all()
-        return [RequestRecord.from_row(r) for r in rows]
+        return select(upd).add_cte(ins)
 
     @staticmethod
     def _one(conn: Connection, request_id: int, *, lock: bool = False) -> RequestRecord:
@@ -208,7 +219,7 @@ class Queue:
             vt = select(
                 func.coalesce(
                     select(func.min(R.c.slot)).where(R.c.status == S.QUEUED.value).scalar_subquery(),
-                    select(func.max(R.c.slot)).scalar_subquery(),
+                    select(R.c.slot).order_by(R.c.id.desc()).limit(1).scalar_subquery(),
                     0,
                 )
             ).scalar_subquery()
@@ -296,7 +307,7 @@ class Queue:
         vt = select(
             func.coalesce(
                 select(func.min(R.c.slot)).where(R.c.status == S.QUEUED.value).scalar_subquery(),
-                select(func.max(R.c.slot)).scalar_subquery(),
+                select(R.c.slot).order_by(R.c.id.desc()).limit(1).scalar_subquery(),
                 0,
             )
         ).scalar_subquery()
@@ -445,22 +456,29 @@ class Queue:
                 action="held" if hold_reason else "generated", reason=hold_reason,
             )
 
-    def complete_many(self, claim: Claim, results: dict[int, Sequence[str]]) -> list[RequestRecord]:
-        """Record several generated results (request id -> image paths) in one statement; requests
-        whose lease was lost are not updated and not returned."""
+    def complete_many(self, claim: Claim, results: dict[int, Sequence[str]]) -> list[int]:
+        """Record several generated results (request id -> image paths) in one statement; returns the
+        ids recorded (a request whose lease was lost is not updated and not returned)."""
         if not results:
             return []
         now = self.clock()
-        paths = sa.case(*[(R.c.id == rid, sa.literal(list(p), sa.JSON)) for rid, p in results.items()])
-        stmt = (
-            update(R)
-            .where(R.c.id.in_(list(results)), R.c.status == S.RUNNING.value, R.c.lease_token == claim.token)
-            .values(status=S.GENERATED.value, image_paths=paths, lease_owner=None, lease_token=None,
-                    lease_expires_at=None, error=None, updated_at=now)
-        )
+        clear = dict(status=S.GENERATED.value, lease_owner=None, lease_token=None, lease_expires_at=None,
+                     error=None, updated_at=now)
+        fence = (R.c.status == S.RUNNING.value, R.c.lease_token == claim.token)
+        if self.db.is_sqlite:
+            paths = sa.case(*[(R.c.id == rid, sa.literal(list(p), sa.JSON)) for rid, p in results.items()])
+            stmt = update(R).where(R.c.id.in_(list(results)), *fence).values(image_paths=paths, **clear)
+        else:  # fixed statement shape (two array parameters), whatever the batch size
+            from sqlalchemy.dialects.postgresql import ARRAY
+
+            v = select(
+                func.unnest(sa.literal(list(results), ARRAY(sa.BigInteger))).label("id"),
+                func.unnest(sa.literal([json.dumps(list(p)) for p in results.values()], ARRAY(sa.Text))).label("paths"),
+            ).subquery("v")
+            stmt = update(R).where(R.c.id == v.c.id, *fence).values(image_paths=sa.cast(v.c.paths, sa.JSON), **clear)
         with self._write(single=True) as conn:
             return self._update_audited(conn, stmt, actor=f"worker:{claim.owner}", action="generated",
-                                        from_status=S.RUNNING.value, to_status=S.GENERATED.value)
+                                        from_status=S.RUNNING.value, to_status=S.GENERATED.value, ids_only=True)
 
     def fail(self, claim: Claim, request_id: int, error: str, *, permanent: bool = False) -> RequestRecord:
         """A generation attempt failed: retry later with backoff, or ``dead``/``failed``."""

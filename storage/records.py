@@ -77,7 +77,7 @@ class RequestRecord:
     @classmethod
     def from_row(cls, row: Any) -> RequestRecord:
         m = row._mapping if hasattr(row, "_mapping") else row
-        values = {f.name: m[f.name] for f in dataclasses.fields(cls)}
+        values = {name: m[name] for name in _REQUEST_FIELDS}
         values["status"] = Status(values["status"])
         values["options"] = dict(values["options"] or {})
         values["image_paths"] = list(values["image_paths"] or [])
@@ -176,3 +176,6 @@ class Claim:
 class EnqueueResult:
     request: RequestRecord
     created: bool  # False: the same (platform, external id) was already stored
+
+
+_REQUEST_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RequestRecord))

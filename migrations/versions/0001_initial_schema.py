@@ -65,8 +65,7 @@ def upgrade() -> None:
         batch_op.create_index('ix_requests_claim', ['priority', 'slot', 'id'], unique=False, postgresql_where=sa.text("status = 'queued'"), sqlite_where=sa.text("status = 'queued'"))
         batch_op.create_index('ix_requests_created', ['created_at'], unique=False)
         batch_op.create_index('ix_requests_lease', ['lease_expires_at'], unique=False, postgresql_where=sa.text("status IN ('running', 'posting')"), sqlite_where=sa.text("status IN ('running', 'posting')"))
-        batch_op.create_index('ix_requests_slot', ['slot'], unique=False)
-        batch_op.create_index('ix_requests_status_updated', ['status', 'updated_at'], unique=False)
+        batch_op.create_index('ix_requests_queued_slot', ['slot'], unique=False, postgresql_where=sa.text("status = 'queued'"), sqlite_where=sa.text("status = 'queued'"))
 
     op.create_table('users',
     sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
@@ -111,8 +110,7 @@ def downgrade() -> None:
     op.drop_table('audit_log')
     op.drop_table('users')
     with op.batch_alter_table('requests', schema=None) as batch_op:
-        batch_op.drop_index('ix_requests_status_updated')
-        batch_op.drop_index('ix_requests_slot')
+        batch_op.drop_index('ix_requests_queued_slot', postgresql_where=sa.text("status = 'queued'"), sqlite_where=sa.text("status = 'queued'"))
         batch_op.drop_index('ix_requests_lease', postgresql_where=sa.text("status IN ('running', 'posting')"), sqlite_where=sa.text("status IN ('running', 'posting')"))
         batch_op.drop_index('ix_requests_created')
         batch_op.drop_index('ix_requests_claim', postgresql_where=sa.text("status = 'queued'"), sqlite_where=sa.text("status = 'queued'"))

@@ -34,8 +34,7 @@ def main() -> None:
             time.sleep(0.05)
             continue
         idle = 0
-        for rec in q.complete_many(claim, {r.id: [f"{owner}/{r.id}.png"] for r in claim.requests}):
-            done.append(rec.id)
+        done.extend(q.complete_many(claim, {r.id: [f"{owner}/{r.id}.png"] for r in claim.requests}))
     print(json.dumps(done), flush=True)
 
 
