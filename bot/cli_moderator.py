@@ -7,10 +7,18 @@ the shell history would show it. At a terminal it is prompted for twice, hidden.
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
-from bot.cli import Ctx, _echo_json, pass_ctx
+from bot.cli import _echo_json
+
+if TYPE_CHECKING:
+    from bot.cli import Ctx
+
+# click.pass_obj, not bot.cli.pass_ctx: under `python -m bot.cli` the running Ctx class is __main__.Ctx,
+# which pass_ctx (bound to bot.cli.Ctx) would not find.
+pass_ctx = click.pass_obj
 
 
 def _read_password() -> str:
@@ -28,7 +36,7 @@ def moderator() -> None:
 @moderator.command("add")
 @click.argument("name")
 @pass_ctx
-def moderator_add(c: Ctx, name: str) -> None:
+def moderator_add(c: "Ctx", name: str) -> None:
     """Add moderator NAME; the password is read from stdin (hashed with argon2id)."""
     from storage.moderators import Moderators
 
@@ -41,7 +49,7 @@ def moderator_add(c: Ctx, name: str) -> None:
 @moderator.command("remove")
 @click.argument("name")
 @pass_ctx
-def moderator_remove(c: Ctx, name: str) -> None:
+def moderator_remove(c: "Ctx", name: str) -> None:
     """Remove moderator NAME and end their sessions."""
     from storage.moderators import Moderators
 
@@ -53,7 +61,7 @@ def moderator_remove(c: Ctx, name: str) -> None:
 @moderator.command("list")
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
-def moderator_list(c: Ctx, as_json: bool) -> None:
+def moderator_list(c: "Ctx", as_json: bool) -> None:
     """List moderator accounts."""
     from storage.moderators import Moderators
 

@@ -271,8 +271,8 @@ class Dashboard:
         user_trail = await _run(self.app.queue.audit, user_ref=rec.user_ref, limit=100)
         actions = [a for a, target in ACTION_TARGETS.items()
                    if (rec.status == Status.HELD if a == "approve"
-                       else (rec.status in states.TERMINAL if a == "requeue"
-                             else states.allowed(rec.status, target)))]  # type: ignore[arg-type]
+                       else states.allowed(rec.status, target)  # type: ignore[arg-type]
+                       and (a != "requeue" or rec.status in states.TERMINAL))]
         images = [(i, rec.nsfw_scores[i] if i < len(rec.nsfw_scores) else None)
                   for i in range(len(rec.image_paths))]
         return await self.render(request, visit, "request.html", r=rec, trail=trail, position=position,

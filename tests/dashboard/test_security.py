@@ -208,7 +208,7 @@ def test_security_headers_on_every_response(app: App, logged_in: TestClient) -> 
         assert "object-src 'none'" in csp and "base-uri 'none'" in csp
         assert r.headers["x-content-type-options"] == "nosniff"
         assert r.headers["x-frame-options"] == "DENY"
-        assert r.headers["referrer-policy"] == "no-referrer"
+        assert r.headers["referrer-policy"] == "same-origin"
         if not path.startswith("/static/"):
             assert r.headers["cache-control"] == "no-store" or path.endswith("/images/0"), path
 
