@@ -17,6 +17,7 @@ class GenerationJob:
 
 
 class Generator(Protocol):
-    def generate(self, jobs: Sequence[GenerationJob]) -> list[list[Image.Image]]:
-        """One list of ``job.n_images`` images per job, in order, from one batched run."""
+    def generate(self, jobs: Sequence[GenerationJob]) -> list[list[Image.Image] | Exception]:
+        """One entry per job, in order, from one batched run: ``job.n_images`` images, or the
+        exception that makes this one job impossible (e.g. a prompt the model cannot read)."""
         ...

@@ -60,3 +60,5 @@ def setup_logging(level: str | None = None, fmt: str = "text", secrets: Iterable
     handler.addFilter(_Scrub())
     root.addHandler(handler)
     root.setLevel(level or "WARNING")
+    if (level or "WARNING").upper() != "DEBUG":
+        logging.getLogger("alembic").setLevel("WARNING")  # migration chatter at every start

@@ -2,10 +2,64 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from PIL import Image
+
 from bot.config import ModelConfig
-from bot.generation import Generator
-from inference.errors import BundleError
+from bot.generation import GenerationJob, Generator
+from inference.errors import BundleError, PromptError
+
+_log = logging.getLogger(__name__)
+
+
+class PipelineGenerator:
+    """Runs a batch of jobs through one :class:`inference.pipeline.Pipeline` decoder batch.
+
+    A job whose prompt the model cannot read (empty after the model's own normalisation) gets a
+    :class:`PromptError` in its place instead of images; the others still generate.
+    """
+
+    def __init__(self, pipeline) -> None:  # type: ignore[no-untyped-def]
+        self.pipeline = pipeline
+
+    def generate(self, jobs: Sequence[GenerationJob]) -> list[list[Image.Image] | Exception]:
+        out: list[list[Image.Image] | Exception] = []
+        good: list[int] = []
+        for i, job in enumerate(jobs):
+            try:
+                self.pipeline.prepare([job.prompt])
+                good.append(i)
+                out.append([])
+            except PromptError as exc:
+                out.append(exc)
+        if good:
+            images = self.pipeline.generate([jobs[i].prompt for i in good], n_images=[jobs[i].n_images for i in good],
+                                            seeds=[jobs[i].seed for i in good])
+            for i, imgs in zip(good, images, strict=True):
+                out[i] = imgs
+        return out
+
+
+def bundle_path(cfg: ModelConfig) -> Path:
+    if cfg.bundle:
+        return Path(cfg.bundle).expanduser()
+    from inference.shipped import SHAPES_BUNDLE
+
+    return SHAPES_BUNDLE
 
 
 def load_generator(cfg: ModelConfig) -> Generator:
-    raise BundleError("no inference runtime is wired in yet")
+    """Load the bundle named by ``[model] bundle`` (default: the shipped shapes-world model)."""
+    from inference.pipeline import Pipeline
+
+    path = bundle_path(cfg)
+    if not (path / "manifest.json").exists():
+        where = "[model] bundle" if cfg.bundle else "the shipped model (inference/shipped/shapes)"
+        raise BundleError(f"no model bundle at {path} ({where}): make one with `dallebot export` "
+                          "or `dallebot train shapes`, or fix [model] bundle")
+    pipe = Pipeline.load(path, threads=cfg.threads, provider=cfg.provider)
+    _log.info("model loaded from %s", path)
+    return PipelineGenerator(pipe)

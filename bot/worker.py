@@ -121,6 +121,13 @@ class Worker:
                     self.stats.lost += 1
             return len(claim)
         for r, job, imgs in zip(claim.requests, jobs, images, strict=True):
+            if isinstance(imgs, Exception):  # this request can never be generated
+                try:
+                    self.queue.fail(claim, r.id, str(imgs), permanent=True)
+                    self.stats.failed += 1
+                except LeaseLost:
+                    self.stats.lost += 1
+                continue
             folder = self.images_dir / str(r.id)
             folder.mkdir(parents=True, exist_ok=True)
             paths = []
