@@ -33,6 +33,17 @@ def extract_x_prompt(text: str, display_text_range: Sequence[int] | None = None)
     return text.strip()
 
 
+_DISCORD_MARKUP = re.compile(r"<(?:@[!&]?|#)\d+>|(?<!\w)@(?:everyone|here)\b")
+
+
+def extract_discord_prompt(text: str) -> str:
+    """The prompt of a ``/dalle``: without user, role and channel mentions, @everyone/@here, the
+    leading @names and URLs (nothing to draw in them, and nothing the bot should repeat)."""
+    text = _DISCORD_MARKUP.sub(" ", text)
+    text = _LEADING_MENTIONS.sub("", text)
+    return _URL.sub(" ", text).strip()
+
+
 def mentions_in_display(text: str, display_text_range: Sequence[int] | None, username: str) -> bool:
     """Whether ``@username`` appears in the displayed part of the text (not only in X's reply prefix,
     which lists everyone in the thread: a reply to the bot's own reply is not a new request)."""

@@ -1,0 +1,542 @@
+"""The Discord adapter (discord.py app_commands): ``/dalle``, buttons, status and moderator commands.
+
+``/dalle prompt:<text> [images] [seed] [private]``
+    Deferred at once (the 3-second rule), then stored through :func:`bot.platforms.admission.admit`
+    with the interaction id as the external id: a duplicated INTERACTION_CREATE (discord.py does not
+    dedupe) is one request. The deferred message then shows a refusal, or the queue position and ETA
+    with a Cancel button (requester only); :meth:`DiscordPlatform.update_positions` edits it as the
+    request moves. ``private``: the messages are ephemeral, and a late result goes by DM.
+
+Delivery (the worker calls :meth:`DiscordPlatform.deliver` from its thread; the coroutine runs on the
+client's event loop through ``asyncio.run_coroutine_threadsafe``)
+    While the interaction token (15 minutes) has more than ``[discord] expiry_margin_seconds`` left,
+    the deferred message is edited into the result: the images as attachments and a Re-roll button
+    (a new request with a new seed from whoever clicks; limits apply). After that, or when Discord
+    says the token is gone (401/404), it is a channel message that mentions the user (private: a DM).
+    discord.py waits out 429s itself (``Retry-After``); a missing channel, missing permissions or
+    closed DMs fail without retry.
+
+``/dalle-status``: queue length and an ETA from the measured throughput.
+``/dalle-mod queue|approve|reject|ban``: for members with a role named in ``[discord]
+moderator_roles`` or the Manage Messages permission; actions go through :mod:`bot.moderation`.
+
+Commands are synced at start only when their definition changed: a hash of the command payload is
+kept in the ``cursors`` table per application and scope (guild or global).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import logging
+import random
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import discord
+from discord import app_commands
+
+from bot import moderation
+from bot.config import DiscordConfig
+from bot.platforms import text as texts
+from bot.platforms.admission import Admission, Check, IntakeEvent, admit
+from bot.platforms.base import Delivery, DeliveryError
+from bot.platforms.discord_views import CancelButton, RerollButton, cancel_view, result_view
+from storage.errors import IllegalTransition, NotFound
+from storage.platform_state import throughput
+from storage.queue import Queue
+from storage.records import RequestRecord
+from storage.states import TERMINAL, Status
+
+_log = logging.getLogger(__name__)
+
+NO_MENTIONS = discord.AllowedMentions.none()
+DELIVERY_TIMEOUT_S = 300.0
+
+
+@dataclass
+class Tracked:
+    """A request whose interaction this process answered: its token is good for 15 minutes."""
+
+    interaction: discord.Interaction
+    text: str = ""
+    done: bool = False
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class DalleClient(discord.Client):
+    """The discord.py client: the command tree and the persistent buttons."""
+
+    def __init__(self, adapter: DiscordPlatform, **kwargs: Any) -> None:
+        intents = discord.Intents.none()
+        intents.guilds = True  # roles and channels of the guilds (moderator role names)
+        kwargs.setdefault("allowed_mentions", NO_MENTIONS)
+        super().__init__(intents=intents, **kwargs)
+        self.adapter = adapter
+        self.tree = app_commands.CommandTree(self)
+        adapter.build_commands(self.tree)
+
+    async def setup_hook(self) -> None:
+        self.add_dynamic_items(CancelButton, RerollButton)
+        await self.adapter.sync_commands()
+
+
+class DiscordPlatform:
+    name = "discord"
+    poll_interval: float | None = None  # event-driven: the gateway pushes interactions
+
+    def __init__(
+        self,
+        cfg: DiscordConfig,
+        queue: Queue,
+        *,
+        max_prompt_chars: int = 280,
+        default_images: int = 4,
+        checks: Sequence[Check] = (),
+        client_options: dict[str, Any] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.queue = queue
+        self.max_prompt_chars = max_prompt_chars
+        self.default_images = min(default_images, cfg.max_images)
+        self.checks = list(checks)
+        self.rng = rng or random.Random()
+        self.client = DalleClient(self, **(client_options or {}))
+        self.tracked: dict[int, Tracked] = {}
+        self._seen: OrderedDict[int, None] = OrderedDict()
+        self._allowed: dict[str, set[str]] = {}
+        for entry in cfg.allowed_channels:
+            guild, _, channel = entry.partition(":")
+            self._allowed.setdefault(guild, set()).add(channel)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._updater: asyncio.Task[None] | None = None
+        self.synced: list[str] = []  # scopes synced at the last start (for logs and tests)
+
+    # ---- lifecycle (IntakeSource) ---------------------------------------------------------
+
+    def _apply_overrides(self) -> None:
+        if self.cfg.api_base_url:
+            discord.http.Route.BASE = self.cfg.api_base_url.rstrip("/")
+        if self.cfg.gateway_url:
+            import yarl
+            from discord.gateway import DiscordWebSocket
+
+            DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(self.cfg.gateway_url)
+
+    async def start(self, *, intake: bool, ready_timeout: float = 60.0) -> None:
+        """``intake``: connect to the gateway and take commands; else log in for REST only (what a
+        worker-only process needs to deliver)."""
+        self._apply_overrides()
+        self._loop = asyncio.get_running_loop()
+        if not intake:
+            await self.client.login(self.cfg.token)
+            return
+        self._task = asyncio.create_task(self.client.start(self.cfg.token), name="discord-client")
+        ready = asyncio.create_task(self.client.wait_until_ready())
+        done, _ = await asyncio.wait({self._task, ready}, timeout=ready_timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if ready not in done:
+            ready.cancel()
+            if self._task in done:
+                self._task.result()  # raises the login or connection error
+            raise TimeoutError("the Discord client did not become ready")
+        self._updater = asyncio.create_task(self._update_loop(), name="discord-positions")
+
+    async def poll(self) -> int:
+        return 0
+
+    async def stop(self) -> None:
+        if self._updater is not None:
+            self._updater.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._updater
+        await self.client.close()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(self._task, 10)
+
+    # ---- commands -------------------------------------------------------------------------
+
+    def build_commands(self, tree: app_commands.CommandTree[Any]) -> None:
+        adapter = self
+        max_images = self.cfg.max_images
+
+        async def dalle(interaction, prompt, images=None, seed=None, private=False):  # type: ignore[no-untyped-def]
+            await adapter.on_dalle(interaction, prompt, images, seed, private)
+
+        # Real objects, not strings: discord.py reads these to build the options, and the image
+        # count's upper bound comes from the settings.
+        dalle.__annotations__ = {
+            "interaction": discord.Interaction, "prompt": app_commands.Range[str, 1, 2000],
+            "images": Optional[app_commands.Range[int, 1, max_images]],
+            "seed": Optional[app_commands.Range[int, 0, 2**31 - 1]], "private": bool, "return": None,
+        }
+        described = app_commands.describe(
+            prompt="What to draw", images=f"How many images (1-{max_images})",
+            seed="A seed, to get the same images again", private="Only you see the result")(dalle)
+        tree.command(name="dalle", description="Draw images from a text prompt")(described)
+
+        @tree.command(name="dalle-status", description="How long the image queue is")
+        async def status(interaction: discord.Interaction) -> None:
+            await adapter.on_status(interaction)
+
+        mod = app_commands.Group(name="dalle-mod", description="Moderate the image queue", guild_only=True)
+
+        @mod.command(name="queue", description="Requests waiting or held for review")
+        async def mod_queue(interaction: discord.Interaction) -> None:
+            if await adapter.require_moderator(interaction):
+                await adapter.on_mod_queue(interaction)
+
+        @mod.command(name="approve", description="Let a held request go on")
+        async def mod_approve(interaction: discord.Interaction, request_id: int) -> None:
+            if await adapter.require_moderator(interaction):
+                await adapter.on_mod_action(interaction, "approve", request_id, None)
+
+        @mod.command(name="reject", description="Refuse a request")
+        async def mod_reject(interaction: discord.Interaction, request_id: int, reason: str | None = None) -> None:
+            if await adapter.require_moderator(interaction):
+                await adapter.on_mod_action(interaction, "reject", request_id, reason)
+
+        @mod.command(name="ban", description="Stop taking requests from a user")
+        async def mod_ban(interaction: discord.Interaction, user: discord.User, reason: str | None = None) -> None:
+            if await adapter.require_moderator(interaction):
+                await adapter.on_mod_ban(interaction, user, reason)
+
+        tree.add_command(mod)
+
+    async def sync_commands(self) -> None:
+        """Sync the command tree, for each configured guild (or globally), only if it changed."""
+        tree = self.client.tree
+        scopes: list[discord.Object | None] = [discord.Object(int(g)) for g in self.cfg.guild_ids] or [None]
+        self.synced = []
+        for guild in scopes:
+            if guild is not None:
+                tree.copy_global_to(guild=guild)
+            payload = [c.to_dict(tree) for c in tree.get_commands(guild=guild)]
+            digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+            scope = str(guild.id) if guild is not None else "global"
+            name = f"discord:commands:{self.client.application_id}:{scope}"
+            if await asyncio.to_thread(self.queue.get_cursor, name) == digest:
+                continue
+            await tree.sync(guild=guild)
+            await asyncio.to_thread(self.queue.set_cursor, name, digest)
+            self.synced.append(scope)
+            _log.info("synced Discord commands (%s)", scope)
+
+    # ---- intake -------------------------------------------------------------------------
+
+    def _first_time(self, interaction_id: int) -> bool:
+        """False for an interaction this process has seen (a duplicated gateway event)."""
+        if interaction_id in self._seen:
+            return False
+        self._seen[interaction_id] = None
+        while len(self._seen) > 10_000:
+            self._seen.popitem(last=False)
+        return True
+
+    def channel_allowed(self, guild_id: int | None, channel_id: int | None) -> bool:
+        allowed = self._allowed.get(str(guild_id)) if guild_id is not None else None
+        return not allowed or str(channel_id) in allowed
+
+    async def on_dalle(self, interaction: discord.Interaction, prompt: str, images: int | None, seed: int | None,
+                       private: bool) -> None:
+        if not self._first_time(interaction.id):
+            return
+        if not self.channel_allowed(interaction.guild_id, interaction.channel_id):
+            with contextlib.suppress(discord.HTTPException):
+                await interaction.response.send_message(texts.CHANNEL_NOT_ALLOWED, ephemeral=True)
+            return
+        try:
+            await interaction.response.defer(thinking=True, ephemeral=private)
+        except discord.HTTPException:  # acknowledged by another process (a duplicate), or too late
+            return
+        event = self._event(interaction, texts.extract_discord_prompt(prompt), images or self.default_images, seed,
+                            {"private": private, "kind": "slash"})
+        adm = await asyncio.to_thread(admit, self.queue, event, max_chars=self.max_prompt_chars, checks=self.checks)
+        await self._answer(interaction, adm)
+
+    def _event(self, interaction: discord.Interaction, prompt: str, n_images: int, seed: int | None,
+               options: dict[str, Any]) -> IntakeEvent:
+        user = interaction.user
+        return IntakeEvent(
+            platform=self.name, external_id=str(interaction.id), author_id=str(user.id),
+            author_name=user.name, prompt_raw=prompt,
+            channel_id=str(interaction.channel_id) if interaction.channel_id else None,
+            guild_id=str(interaction.guild_id) if interaction.guild_id else None,
+            n_images=max(1, min(n_images, self.cfg.max_images)), seed=seed, options=options,
+        )
+
+    async def _answer(self, interaction: discord.Interaction, adm: Admission) -> None:
+        """Edit the deferred message: a refusal, or the queue position with a Cancel button."""
+        if not adm.created:
+            return  # stored before: whoever stored it answers
+        if not adm.accepted:
+            with contextlib.suppress(discord.HTTPException):
+                await interaction.edit_original_response(content=adm.refusal or texts.GENERIC_REFUSAL)
+            return
+        tracked = Tracked(interaction)
+        self.tracked[adm.request.id] = tracked
+        await self._refresh(adm.request.id, tracked, await asyncio.to_thread(self._rate))
+
+    # ---- position updates -----------------------------------------------------------------
+
+    def _rate(self) -> float:
+        return throughput(self.queue.db, clock=self.queue.clock)
+
+    def _eta(self, position: int | None, rate: float) -> float | None:
+        return None if position is None or rate <= 0 else (position + 1) / rate
+
+    async def _refresh(self, request_id: int, tracked: Tracked, rate: float) -> None:
+        try:
+            rec = await asyncio.to_thread(self.queue.get, request_id)
+            position = await asyncio.to_thread(self.queue.position, request_id)
+        except NotFound:
+            self.tracked.pop(request_id, None)
+            return
+        if rec.status in (Status.POSTING, Status.POSTED):
+            return  # delivery edits the message
+        text = texts.discord_status_line(rec.status.value, position, self._eta(position, rate))
+        async with tracked.lock:
+            if tracked.done or text == tracked.text:
+                return
+            view = cancel_view(request_id) if rec.status in (Status.QUEUED, Status.HELD) else None
+            try:
+                await tracked.interaction.edit_original_response(content=text, view=view)
+                tracked.text = text
+            except discord.HTTPException as exc:
+                _log.info("cannot edit the queue message of request %d: %s", request_id, exc)
+                if exc.status in (401, 404):
+                    tracked.done = True
+        if rec.status in TERMINAL or tracked.done:
+            self.tracked.pop(request_id, None)
+
+    async def update_positions(self) -> None:
+        """Edit every tracked request's message whose text changed (position, status)."""
+        margin = self.cfg.expiry_margin_seconds
+        rate = await asyncio.to_thread(self._rate)
+        for rid, tracked in list(self.tracked.items()):
+            if _seconds_left(tracked.interaction) < margin:
+                continue  # delivery will fall back to the channel; keep quiet until then
+            await self._refresh(rid, tracked, rate)
+
+    async def _update_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.position_update_seconds)
+            try:
+                await self.update_positions()
+            except Exception:  # keep updating: one bad round must not end the loop
+                _log.exception("updating Discord queue positions failed")
+
+    # ---- buttons --------------------------------------------------------------------------
+
+    async def on_cancel(self, interaction: discord.Interaction, request_id: int) -> None:
+        try:
+            rec = await asyncio.to_thread(self.queue.get, request_id)
+        except NotFound:
+            await interaction.response.send_message("That request no longer exists.", ephemeral=True)
+            return
+        if rec.platform != self.name or rec.author_id != str(interaction.user.id):
+            await interaction.response.send_message("Only the person who asked can cancel this request.",
+                                                    ephemeral=True)
+            return
+        try:
+            await asyncio.to_thread(self.queue.cancel, request_id, actor=f"discord:{interaction.user.id}",
+                                    reason="cancelled by the requester")
+        except IllegalTransition:
+            await interaction.response.send_message("Too late to cancel: the images are already done.",
+                                                    ephemeral=True)
+            return
+        tracked = self.tracked.pop(request_id, None)
+        if tracked is not None:
+            tracked.done = True
+        await interaction.response.edit_message(content=texts.discord_status_line("cancelled", None, None),
+                                                view=None)
+
+    async def on_reroll(self, interaction: discord.Interaction, request_id: int) -> None:
+        if not self._first_time(interaction.id):
+            return
+        try:
+            original = await asyncio.to_thread(self.queue.get, request_id)
+        except NotFound:
+            await interaction.response.send_message("That request no longer exists.", ephemeral=True)
+            return
+        if not self.channel_allowed(interaction.guild_id, interaction.channel_id):
+            await interaction.response.send_message(texts.CHANNEL_NOT_ALLOWED, ephemeral=True)
+            return
+        private = bool(original.options.get("private"))
+        try:
+            await interaction.response.defer(thinking=True, ephemeral=private)
+        except discord.HTTPException:
+            return
+        seed = self.rng.randrange(2**31)
+        while seed == original.seed:
+            seed = self.rng.randrange(2**31)
+        event = self._event(interaction, original.prompt_raw, original.n_images, seed,
+                            {"private": private, "kind": "reroll", "reroll_of": request_id})
+        adm = await asyncio.to_thread(admit, self.queue, event, max_chars=self.max_prompt_chars, checks=self.checks)
+        await self._answer(interaction, adm)
+
+    # ---- status and moderation ------------------------------------------------------------
+
+    async def on_status(self, interaction: discord.Interaction) -> None:
+        def read() -> tuple[dict[str, int], float]:
+            return self.queue.stats(), self._rate()
+
+        stats, rate = await asyncio.to_thread(read)
+        waiting, drawing = stats["queued"], stats["running"]
+        eta = None if rate <= 0 else (waiting + 1) / rate
+        speed = f"{rate * 3600:.0f} requests/hour" if rate > 0 else "not measured yet"
+        await interaction.response.send_message(
+            f"Queue: {waiting} waiting, {drawing} being drawn. Throughput: {speed}. "
+            f"A new request would be ready in {texts.eta_text(eta)}.", ephemeral=True)
+
+    def is_moderator(self, interaction: discord.Interaction) -> bool:
+        if interaction.guild_id is None:
+            return False
+        perms = interaction.permissions
+        if perms.manage_messages or perms.administrator:
+            return True
+        roles = getattr(interaction.user, "roles", [])
+        return any(role.name in self.cfg.moderator_roles for role in roles)
+
+    async def require_moderator(self, interaction: discord.Interaction) -> bool:
+        if self.is_moderator(interaction):
+            return True
+        await interaction.response.send_message(
+            texts.NOT_IN_GUILD if interaction.guild_id is None else texts.NOT_A_MODERATOR, ephemeral=True)
+        return False
+
+    def _actor(self, interaction: discord.Interaction) -> str:
+        return f"discord-moderator:{interaction.user.id}"
+
+    async def on_mod_queue(self, interaction: discord.Interaction) -> None:
+        recs = await asyncio.to_thread(self.queue.list, status=[Status.QUEUED.value, Status.HELD.value], limit=15)
+        if not recs:
+            await interaction.response.send_message("Nothing is waiting.", ephemeral=True)
+            return
+        lines = [f"#{r.id} {r.status.value} {r.user_ref}: `{texts.shorten(r.prompt.replace('`', 'ˋ'), 80)}`"
+                 for r in recs]
+        await interaction.response.send_message("\n".join(lines)[:1900], ephemeral=True)
+
+    async def on_mod_action(self, interaction: discord.Interaction, action: str, request_id: int,
+                            reason: str | None) -> None:
+        try:
+            rec = await asyncio.to_thread(moderation.act, self.queue, action, request_id,
+                                          actor=self._actor(interaction), reason=reason)
+        except (IllegalTransition, NotFound) as exc:
+            await interaction.response.send_message(str(exc), ephemeral=True)
+            return
+        await interaction.response.send_message(f"Request #{rec.id} is now {rec.status.value}.", ephemeral=True)
+
+    async def on_mod_ban(self, interaction: discord.Interaction, user: discord.User, reason: str | None) -> None:
+        await asyncio.to_thread(moderation.ban, self.queue, f"{self.name}:{user.id}", actor=self._actor(interaction),
+                                reason=reason)
+        await interaction.response.send_message(f"{user.mention} can no longer make requests.", ephemeral=True)
+
+    # ---- delivery -------------------------------------------------------------------------
+
+    def _run(self, coro: Any) -> Any:
+        """Run ``coro`` on the client's loop from the worker's thread and wait for it."""
+        loop = self._loop
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if loop is None or loop.is_closed() or running is loop:
+            coro.close()
+            if running is loop:
+                raise RuntimeError("Discord delivery must be called from a worker thread, not the event loop")
+            raise DeliveryError("the Discord client is not running in this process")
+        future = asyncio.run_coroutine_threadsafe(coro, loop)
+        try:
+            return future.result(DELIVERY_TIMEOUT_S)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise DeliveryError("Discord delivery timed out") from None
+
+    def deliver(self, request: RequestRecord, images: list[Path]) -> Delivery:
+        return self._run(self._deliver(request, [Path(p) for p in images]))
+
+    def find_delivery(self, request: RequestRecord) -> Delivery | None:
+        return self._run(self._find(request))
+
+    @staticmethod
+    def _files(request: RequestRecord, images: list[Path]) -> list[discord.File]:
+        return [discord.File(p, filename=f"dalle-{request.id}-{k + 1}{p.suffix or '.png'}")
+                for k, p in enumerate(images[:10])]
+
+    async def _deliver(self, request: RequestRecord, images: list[Path]) -> Delivery:
+        if not images:
+            raise DeliveryError("no images to post", permanent=True)
+        caption = texts.discord_result(request.prompt, request.seed)
+        tracked = self.tracked.get(request.id)
+        if tracked is not None and _seconds_left(tracked.interaction) > self.cfg.expiry_margin_seconds:
+            async with tracked.lock:
+                tracked.done = True
+                try:
+                    msg = await tracked.interaction.edit_original_response(
+                        content=caption, attachments=self._files(request, images), view=result_view(request.id))
+                    self.tracked.pop(request.id, None)
+                    return Delivery(reply_id=str(msg.id), reply_url=msg.jump_url)
+                except discord.RateLimited as exc:
+                    raise _delivery_error(exc) from exc
+                except discord.HTTPException as exc:
+                    if exc.status not in (401, 404):
+                        raise _delivery_error(exc) from exc
+                    _log.info("interaction token of request %d is gone (%s): posting in the channel",
+                              request.id, exc.status)
+        self.tracked.pop(request.id, None)
+        try:
+            if request.options.get("private"):
+                user = await self.client.fetch_user(int(request.author_id))
+                msg = await user.send(content=caption, files=self._files(request, images),
+                                      view=result_view(request.id))
+            else:
+                if not request.channel_id:
+                    raise DeliveryError("no channel to post the result in", permanent=True)
+                channel = self.client.get_partial_messageable(int(request.channel_id))
+                msg = await channel.send(
+                    content=texts.discord_result(request.prompt, request.seed, f"<@{request.author_id}>"),
+                    files=self._files(request, images), view=result_view(request.id),
+                    allowed_mentions=discord.AllowedMentions(everyone=False, roles=False,
+                                                             users=[discord.Object(int(request.author_id))]))
+        except (discord.HTTPException, discord.RateLimited) as exc:
+            raise _delivery_error(exc) from exc
+        return Delivery(reply_id=str(msg.id), reply_url=msg.jump_url)
+
+    async def _find(self, request: RequestRecord) -> Delivery | None:
+        """After a crash mid-delivery: the interaction's message already holds the images? (Only
+        known while the token lives in this process; otherwise the result is posted again.)"""
+        tracked = self.tracked.get(request.id)
+        if tracked is None:
+            return None
+        try:
+            msg = await tracked.interaction.original_response()
+        except discord.HTTPException:
+            return None
+        if msg.attachments:
+            self.tracked.pop(request.id, None)
+            return Delivery(reply_id=str(msg.id), reply_url=msg.jump_url)
+        return None
+
+
+def _seconds_left(interaction: discord.Interaction) -> float:
+    return (interaction.expires_at - dt.datetime.now(dt.UTC)).total_seconds()
+
+
+def _delivery_error(exc: discord.HTTPException | discord.RateLimited) -> DeliveryError:
+    if isinstance(exc, discord.RateLimited):
+        return DeliveryError(f"Discord rate limit: {exc}", retry_after=exc.retry_after)
+    if exc.status in (400, 403, 404, 413):
+        # Missing permissions, closed DMs, deleted channel, file too large: retrying will not help.
+        return DeliveryError(f"Discord refused the result ({exc.status}/{exc.code}): {exc.text}", permanent=True)
+    return DeliveryError(f"Discord error {exc.status}: {exc.text}")
