@@ -79,12 +79,13 @@ def train_shapes_cmd(out: Path, device: str, threads: int, seed: int, scenes: in
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the scores as JSON too.")
 @click.option("--threads", type=int, default=0, help="onnxruntime threads (0 = all cores).")
+@click.option("--speed", is_flag=True, help="Also time model load and a 4-image grid (median of 5).")
 @click.option("--renderer", is_flag=True, help="Score the procedural renderer instead of a model (calibration).")
 @click.option("--condition-scale", type=float, default=None)
 @click.option("--top-k", type=int, default=None)
 @click.option("--temperature", type=float, default=None)
 def eval_shapes_cmd(model: Path | None, n: int, seed: int, sheet: Path, diversity: int, json_out: Path | None,
-                    threads: int, renderer: bool, condition_scale: float | None, top_k: int | None,
+                    threads: int, speed: bool, renderer: bool, condition_scale: float | None, top_k: int | None,
                     temperature: float | None) -> None:
     """Score a model on shapes-world prompts by the spec's rules (per attribute, unseen pairs)."""
     from .evaluate import contact_sheet, evaluate, pipeline_generator, renderer_generator
@@ -98,13 +99,36 @@ def eval_shapes_cmd(model: Path | None, n: int, seed: int, sheet: Path, diversit
         pipe = Pipeline.load(bundle, threads=threads, provider="cpu")
         generate = pipeline_generator(pipe, condition_scale=condition_scale, top_k=top_k, temperature=temperature)
         name = f"{pipe.bundle.name} ({bundle}), sampling {pipe.sampling_params(condition_scale=condition_scale, top_k=top_k, temperature=temperature)}"
+    timings = measure_speed(model or SHAPES_BUNDLE, threads) if speed and not renderer else None
     report = evaluate(generate, n=n, seed=seed, diversity_prompts=diversity, progress=True)
     click.echo(f"model: {name}")
     click.echo(report.format())
+    if timings:
+        click.echo(f"speed: load {timings['load_s']:.2f} s, 4-image grid {timings['grid4_s']:.3f} s "
+                   f"(median of {timings['runs']}, after load)")
     click.echo(f"contact sheet: {contact_sheet(report, sheet)}")
     if json_out:
-        json_out.write_text(json.dumps({"model": name, "seed": seed, **report.as_dict()}, indent=2) + "\n",
-                            encoding="utf-8")
+        json_out.write_text(json.dumps({"model": name, "seed": seed, **report.as_dict(), "speed": timings},
+                                       indent=2) + "\n", encoding="utf-8")
+
+
+def measure_speed(bundle: Path, threads: int = 0, runs: int = 5) -> dict:
+    """Model load time (fresh sessions, hashes verified) and one prompt's 4-image grid, median."""
+    import statistics
+    import time
+
+    from ..pipeline import Pipeline
+
+    t0 = time.perf_counter()
+    pipe = Pipeline.load(bundle, threads=threads, provider="cpu")
+    load = time.perf_counter() - t0
+    pipe.generate(["a red circle"], n_images=4, seeds=[0])          # warm-up
+    times = []
+    for i in range(runs):
+        t0 = time.perf_counter()
+        pipe.generate(["a yellow star above a green triangle on a black background"], n_images=4, seeds=[i])
+        times.append(time.perf_counter() - t0)
+    return {"load_s": load, "grid4_s": statistics.median(times), "grid4_all_s": times, "runs": runs}
 
 
 def register(root: click.Group) -> None:

@@ -6,6 +6,7 @@ batches from it: the VQ trains on its images, the transformer on (caption, codes
 
 from __future__ import annotations
 
+import logging
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from ..shapes.grammar import parse, sample_prompt
 from ..shapes.render import render
 
 CHUNK = 2000
+_log = logging.getLogger(__name__)
 
 
 def render_batch(rng: np.random.Generator, batch: int, n: int, held_out: str = "exclude"
@@ -45,10 +47,14 @@ def build_dataset(count: int, n: int, seed: int, workers: int = 0) -> SceneDatas
     """``count`` training scenes, deterministic for a seed whatever the number of workers."""
     jobs = [(seed, i, min(CHUNK, count - start), n) for i, start in enumerate(range(0, count, CHUNK))]
     workers = workers or max(1, min(16, (os.cpu_count() or 1) - 1))
+    parts = None
     if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            parts = list(pool.map(_chunk, jobs))
-    else:
+        try:
+            with ProcessPoolExecutor(workers) as pool:
+                parts = list(pool.map(_chunk, jobs))
+        except (OSError, RuntimeError) as e:   # no fork/semaphores in some sandboxes: render serially
+            _log.warning("parallel rendering failed (%s); rendering in one process", e)
+    if parts is None:
         parts = [_chunk(j) for j in jobs]
     return SceneDataset([p for ps, _ in parts for p in ps], np.concatenate([im for _, im in parts]))
 
