@@ -81,6 +81,7 @@ class Dashboard:
         hasher: PasswordHasher | None = None,
         login_policy: LoginPolicy | None = None,
         refresh_ms: int = 3000,
+        search_window: int = 20_000,
     ) -> None:
         self.app = app
         self.clock = clock
@@ -89,6 +90,7 @@ class Dashboard:
         self.signer = auth.Signer(auth.load_secret(app.settings.server.session_secret, app.settings.data_dir))
         self.templates = make_templates()
         self.refresh_ms = refresh_ms
+        self.search_window = search_window
         self.image_roots = [Path(app.settings.images_dir).resolve(), Path(app.settings.outbox_dir).resolve()]
 
     # ---- guard, rendering, redirects ---------------------------------------------------------
@@ -234,14 +236,42 @@ class Dashboard:
             before_id=f["before"], limit=PAGE_SIZE + 1)
         return rows[:PAGE_SIZE], len(rows) > PAGE_SIZE
 
+    def _search_window(self, f: dict[str, Any]) -> tuple[int, int] | None:
+        """For a text search, the id range ``(floor, top]`` of the newest ``search_window`` requests
+        below ``before``, narrowing ``f``'s time range to it; None when no window is needed.
+
+        A substring search cannot use an index, so without a bound it reads the whole log when
+        matches are rare. Ids and creation times rise together, and a range on both ends of
+        ``created_at`` is an index range on SQLite and PostgreSQL alike, so each page reads at most
+        ``search_window`` requests; "search older" moves the window down."""
+        if not f["q"] or f["user"]:
+            return None
+        q = self.app.queue
+        newest = q.list(before_id=f["before"], limit=1)
+        if not newest:
+            return None
+        top = newest[0]
+        below = q.list(before_id=top.id - self.search_window + 1, limit=1)
+        if not below:
+            return None  # the window reaches the oldest request: nothing to bound
+        floor = below[0]
+        until = top.created_at + dt.timedelta(microseconds=1)
+        f["_since"] = max(f["_since"], floor.created_at) if f["_since"] else floor.created_at
+        f["_until"] = min(f["_until"], until) if f["_until"] else until
+        return floor.id, top.id
+
     async def queue_page(self, request: Request, visit: Visit) -> Response:
         f, errors = self._filters(request.query_params)
-        rows, more = await self._list(f)
-        counters = await _run(activity, self.app.queue, self.clock())
         keep = {k: v for k, v in f.items() if not k.startswith("_") and k != "before"}
+        window = await _run(self._search_window, f)
+        rows, more = await self._list(f)
+        next_page = {**keep, "before": rows[-1].id} if more else None
+        if window and not more:
+            next_page = {**keep, "before": window[0]}  # search the next (older) window
+        counters = await _run(activity, self.app.queue, self.clock())
         return await self.render(
             request, visit, "queue.html", rows=rows, more=more, filters=keep, errors=errors,
-            next_page={**keep, "before": rows[-1].id} if more else None, paged=f["before"] is not None,
+            next_page=next_page, paged=f["before"] is not None, window=window,
             statuses=[s.value for s in Status], platforms=sorted({"local", "x", "discord", *self.app.platforms}),
             counters=counters, refresh_ms=self.refresh_ms, has_local="local" in self.app.platforms,
             max_images=self.app.settings.queue.max_images, default_images=self.app.settings.queue.default_images)

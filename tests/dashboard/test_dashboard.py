@@ -199,3 +199,30 @@ def test_account_rules(app: App) -> None:
     with pytest.raises(ModeratorExists):
         mods.add("ok", "long enough pw 2", actor="test")
     assert [m.name for m in mods.list()] == ["ok"]
+
+
+def test_text_search_reads_the_log_in_bounded_windows(app: App, moderator: str) -> None:
+    from bot.web import create_web_app
+    from tests.dashboard.conftest import cheap_hasher, login
+
+    q = app.queue
+    base = dt.datetime(2026, 1, 1, 12, 0, 0)
+    for i in range(60):
+        q.clock = lambda i=i: base + dt.timedelta(minutes=i)  # type: ignore[misc]
+        app.local.submit(q, f"prompt {i} {'lighthouse' if i % 10 == 0 else 'forest'}", user=f"u{i % 3}")
+    web = create_web_app(app, hasher=cheap_hasher(), search_window=20)
+    with TestClient(web, follow_redirects=False) as c:
+        assert login(c).status_code == 303
+        pages, url = [], "/?q=lighthouse"
+        while url:
+            html = c.get(url).text
+            window = re.search(r'id="search-window">([^<]*)<', html)
+            pages.append((ids_on(html), window.group(1) if window else None))
+            older = re.search(r'href="/\?([^"]*)" id="page-older"', html)
+            url = "/?" + older.group(1).replace("&amp;", "&") if older else ""
+        assert pages == [([51, 41], "Searched requests #40 to #60."), ([31, 21], "Searched requests #19 to #39."),
+                         ([11, 1], None)]
+        # more than a page of matches inside one window: ordinary paging
+        assert len(ids_on(c.get("/?q=prompt").text)) == 21
+        # a user filter is an index range already: no window
+        assert ids_on(c.get("/?q=lighthouse&user=u0").text) == [31, 1]
