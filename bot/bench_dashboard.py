@@ -109,7 +109,7 @@ PAGES = (
     ("platform = x", "/?platform=x"),
     ("one user", "/?user=x:user42"),
     ("text search (common word)", "/?q=lighthouse"),
-    ("text search (no match: full scan)", "/?q=zeppelin"),
+    ("text search, no match (one 10,000-request window)", "/?q=zeppelin"),
     ("time range (one day)", "/?since=2026-01-15T00:00&until=2026-01-16T00:00"),
     ("deep page (before id n/2)", "/?before={half}"),
     ("all filters", "/?status=posted&platform=discord&q=cat&since=2026-01-10T00:00"),

@@ -81,7 +81,7 @@ class Dashboard:
         hasher: PasswordHasher | None = None,
         login_policy: LoginPolicy | None = None,
         refresh_ms: int = 3000,
-        search_window: int = 20_000,
+        search_window: int = 10_000,
     ) -> None:
         self.app = app
         self.clock = clock
