@@ -32,7 +32,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+from PIL import Image
 
 _log = logging.getLogger(__name__)
 
@@ -68,6 +70,14 @@ for _base in (0x1F150, 0x1F170, 0x1F1E6):
     for _k in range(26):
         _CONFUSABLES[chr(_base + _k)] = chr(ord("a") + _k)
 _FOLD = str.maketrans(_CONFUSABLES)
+# Capitals that look like a different Latin letter than their lower case does (Greek Ν is N, ν is v),
+# mapped before case folding.
+_UPPER = str.maketrans({
+    "Α": "a", "Β": "b", "Ε": "e", "Ζ": "z", "Η": "h", "Ι": "i", "Κ": "k", "Μ": "m", "Ν": "n", "Ο": "o",
+    "Ρ": "p", "Τ": "t", "Υ": "y", "Χ": "x",
+    "А": "a", "В": "b", "Е": "e", "К": "k", "М": "m", "Н": "h", "О": "o", "Р": "p", "С": "c", "Т": "t",
+    "Х": "x", "Ѕ": "s", "І": "i", "Ј": "j", "Ү": "y", "Һ": "h",
+})
 # Letters that render as nothing (Hangul fillers), used like zero-width spaces.
 _FILLERS = frozenset("\u115f\u1160\u3164\uffa0")
 _DROP_CATEGORIES = frozenset({"Mn", "Me", "Cf", "Cc"})
@@ -75,7 +85,7 @@ _DROP_CATEGORIES = frozenset({"Mn", "Me", "Cf", "Cc"})
 
 def fold(text: str) -> str:
     """NFKC, case fold, strip accents and invisible characters, map look-alikes to Latin."""
-    text = unicodedata.normalize("NFD", unicodedata.normalize("NFKC", text).casefold())
+    text = unicodedata.normalize("NFD", unicodedata.normalize("NFKC", text).translate(_UPPER).casefold())
     out = []
     for ch in text:
         if ch.isspace():
@@ -326,5 +336,24 @@ def build_prompt_filter(cfg: Any) -> PromptFilter | None:
     return PromptFilter(cfg.deny, cfg.allow, use_default_list=cfg.use_default_list)
 
 
-__all__: Sequence[str] = ("REFUSAL", "FilterResult", "PromptFilter", "Reading", "Term", "Token", "build_prompt_filter",
-                          "check_prompt", "default_lists", "fold", "load_word_list", "parse_term", "read")
+
+
+# ---- images ----------------------------------------------------------------------------------------
+
+class ImageClassifier(Protocol):
+    """What the worker needs from an NSFW classifier (:class:`inference.nsfw.NsfwClassifier`)."""
+
+    def scores(self, images: Sequence[Image.Image]) -> list[float]:
+        """P(NSFW) of each image, in order."""
+        ...
+
+
+def nsfw_hold_reason(scores: Sequence[float], threshold: float) -> str | None:
+    """Why a generated result must wait for a moderator (any image at or above ``threshold``), or
+    None when it may be posted."""
+    if not scores:
+        return None
+    top = max(scores)
+    if top >= threshold:
+        return f"NSFW score {top:.2f} >= threshold {threshold:.2f}"
+    return None
