@@ -176,6 +176,26 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    # Requests one user may make within user_burst_seconds (0: no burst limit).
+    user_burst: int = 3
+    # The burst window, in seconds.
+    user_burst_seconds: float = 60.0
+    # Requests one user may make per hour (0: no limit).
+    user_hourly: int = 20
+    # Requests per hour from one Discord guild (0: no limit).
+    guild_hourly: int = 300
+    # Requests per hour from one Discord channel (0: no limit).
+    channel_hourly: int = 150
+    # Most requests waiting in the queue; beyond it new requests are refused as "busy" (0: no cap).
+    queue_cap: int = 5000
+    # Reply to a user over a limit; {wait} becomes e.g. "5 minutes".
+    limited_message: str = "You're asking a bit fast: please try again in {wait}."
+    # Reply when the queue is full.
+    busy_message: str = "I'm very busy right now and can't take new requests: please try again later."
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     data: DataConfig = field(default_factory=DataConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
@@ -187,6 +207,7 @@ class Settings:
     discord: DiscordConfig = field(default_factory=DiscordConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     safety: SafetyConfig = field(default_factory=SafetyConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     # Where the settings came from (a file path or "defaults"); not a config key.
     source: str = field(default="defaults", metadata={"internal": True})
 
@@ -312,6 +333,10 @@ def _validate(s: Settings) -> None:
         (0 < s.server.port < 65536, "server.port", "must be a TCP port (1-65535)"),
         (s.logging.level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "logging.level", "must be DEBUG, INFO, WARNING or ERROR"),
         (s.logging.format in ("text", "json"), "logging.format", "must be text or json"),
+        (s.limits.user_burst_seconds > 0, "limits.user_burst_seconds", "must be > 0"),
+        (min(s.limits.user_burst, s.limits.user_hourly, s.limits.guild_hourly, s.limits.channel_hourly,
+             s.limits.queue_cap) >= 0, "limits", "counts must be >= 0 (0 turns a limit off)"),
+        ("{wait}" in s.limits.limited_message, "limits.limited_message", "must contain {wait}"),
         (0.0 <= s.safety.nsfw_threshold <= 1.0, "safety.nsfw_threshold", "must be between 0 and 1"),
         (all(t.strip().rstrip("*").strip() for t in s.safety.deny), "safety.deny", "entries must not be empty"),
         (all(t.strip() for t in s.safety.allow), "safety.allow", "entries must not be empty"),

@@ -62,6 +62,11 @@ class Request(Base):
             sqlite_where=text("status = 'queued'"),
         ),
         Index("ix_requests_author", "platform", "author_id", "created_at"),
+        # Discord guild/channel rate limits; partial, so other platforms' rows cost nothing here.
+        Index("ix_requests_guild", "platform", "guild_id", "created_at",
+              postgresql_where=text("guild_id IS NOT NULL"), sqlite_where=text("guild_id IS NOT NULL")),
+        Index("ix_requests_channel", "platform", "channel_id", "created_at",
+              postgresql_where=text("guild_id IS NOT NULL"), sqlite_where=text("guild_id IS NOT NULL")),
         Index("ix_requests_created", "created_at"),
         # min(slot) of the queue, read by every enqueue (fair-share order)
         Index(

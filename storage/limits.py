@@ -1,0 +1,66 @@
+"""Counts that rate limits are decided from, read from the requests table itself.
+
+Limits hold across restarts and processes because they are computed from what is stored: a user's
+accepted requests in a window (index ``ix_requests_author``), a guild's or channel's
+(``ix_requests_guild``, ``ix_requests_channel``), and the queue's depth (the partial index on
+queued rows). Refused requests (status ``rejected``) do not count, so being refused does not extend
+a limit. Concurrent intakes can overshoot a limit by the number of requests admitted at the same
+instant; nothing else does.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import func, select
+
+from storage.db import Database
+from storage.models import Request
+from storage.states import Status
+
+R = Request.__table__
+
+
+class LimitCounts:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def _window(self, where: list, since: dt.datetime, limit: int) -> tuple[int, dt.datetime | None]:
+        """(count in the window, creation time of the request whose ageing-out frees a slot)."""
+        cond = [*where, R.c.created_at >= since, R.c.status != Status.REJECTED.value]
+        with self.db.read.connect() as conn:
+            n = conn.execute(select(func.count()).select_from(R).where(*cond)).scalar_one()
+            oldest = None
+            if n >= limit > 0:
+                oldest = conn.execute(
+                    select(R.c.created_at).where(*cond).order_by(R.c.created_at.desc()).offset(limit - 1).limit(1)
+                ).scalar_one_or_none()
+        return n, oldest
+
+    def user(self, platform: str, author_id: str, since: dt.datetime, limit: int) -> tuple[int, dt.datetime | None]:
+        return self._window([R.c.platform == platform, R.c.author_id == author_id], since, limit)
+
+    def guild(self, platform: str, guild_id: str, since: dt.datetime, limit: int) -> tuple[int, dt.datetime | None]:
+        return self._window([R.c.platform == platform, R.c.guild_id == guild_id], since, limit)
+
+    # (the channel index is partial on guild_id IS NOT NULL: only guild channels are limited)
+
+    def channel(self, platform: str, channel_id: str, since: dt.datetime, limit: int) -> tuple[int, dt.datetime | None]:
+        return self._window([R.c.platform == platform, R.c.channel_id == channel_id, R.c.guild_id.is_not(None)],
+                            since, limit)
+
+    def queued(self) -> int:
+        with self.db.read.connect() as conn:
+            return conn.execute(
+                select(func.count()).select_from(R).where(R.c.status == Status.QUEUED.value)
+            ).scalar_one()
+
+    def posted_since(self, platform: str, since: dt.datetime) -> int:
+        with self.db.read.connect() as conn:
+            return conn.execute(
+                select(func.count()).select_from(R).where(
+                    R.c.platform == platform, R.c.status == Status.POSTED.value, R.c.finished_at >= since)
+            ).scalar_one()
+
+
+__all__ = ["LimitCounts"]

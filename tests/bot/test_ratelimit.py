@@ -1,0 +1,81 @@
+"""Rate limits at intake, counted in the real database (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+
+from bot.config import LimitsConfig
+from bot.platforms.admission import IntakeEvent, admit
+from bot.ratelimit import RateLimiter, humane, retry_after
+from storage.limits import LimitCounts
+from storage.queue import Queue
+from storage.states import Status
+
+T0 = dt.datetime(2026, 1, 1, 12, 0, 0)
+
+
+def test_retry_after_policy() -> None:
+    assert retry_after(2, 3, None, 60, T0) is None
+    assert retry_after(5, 0, None, 60, T0) is None  # 0 = no limit
+    assert retry_after(3, 3, T0 - dt.timedelta(seconds=45), 60, T0) == 15
+    assert retry_after(3, 3, T0 - dt.timedelta(seconds=60), 60, T0) == 1.0  # never "0 seconds"
+    assert humane(15) == "15 seconds" and humane(600) == "10 minutes" and humane(7200) == "2 hours"
+
+
+def _event(i: int, user: str = "u1", guild: str | None = None, channel: str | None = None) -> IntakeEvent:
+    return IntakeEvent(platform="discord" if guild else "local", external_id=f"e{i}", author_id=user,
+                       prompt_raw=f"a red circle {i}", guild_id=guild, channel_id=channel)
+
+
+def _limiter(queue: Queue, clock, **kw) -> RateLimiter:
+    cfg = dataclasses.replace(LimitsConfig(), **kw)
+    return RateLimiter(LimitCounts(queue.db), cfg, clock=clock)
+
+
+def test_user_burst_then_recovery(queue: Queue, clock) -> None:
+    lim = _limiter(queue, clock, user_burst=3, user_burst_seconds=60, user_hourly=0)
+    results = []
+    for i in range(4):
+        results.append(admit(queue, _event(i), max_chars=280, checks=[lim.check]))
+        clock.advance(5)
+    assert [a.accepted for a in results] == [True, True, True, False]
+    assert "please try again in 45 seconds" in results[3].refusal  # the first request leaves the window at t=60
+    assert results[3].request.status == Status.REJECTED and results[3].owes_refusal
+    # a refused request does not extend the limit; once the window passes, requests fit again
+    clock.advance(41)
+    assert admit(queue, _event(10), max_chars=280, checks=[lim.check]).accepted
+    # other users are not affected
+    assert admit(queue, _event(11, user="u2"), max_chars=280, checks=[lim.check]).accepted
+
+
+def test_hourly_limit_holds_across_a_restart(queue: Queue, clock) -> None:
+    lim = _limiter(queue, clock, user_burst=0, user_hourly=5)
+    for i in range(5):
+        assert admit(queue, _event(i), max_chars=280, checks=[lim.check]).accepted
+        clock.advance(60)
+    # a new process: a new limiter over the same database
+    fresh = _limiter(queue, clock, user_burst=0, user_hourly=5)
+    refused = admit(queue, _event(99), max_chars=280, checks=[fresh.check])
+    assert not refused.accepted and "55 minutes" in refused.refusal  # the first one (t=0) leaves at t=60 min; now t=5 min
+
+
+def test_guild_and_channel_limits(queue: Queue, clock) -> None:
+    lim = _limiter(queue, clock, user_burst=0, user_hourly=0, guild_hourly=4, channel_hourly=2)
+    ok = [admit(queue, _event(i, user=f"u{i}", guild="g1", channel="c1"), max_chars=280, checks=[lim.check]).accepted
+          for i in range(3)]
+    assert ok == [True, True, False]  # channel limit
+    ok = [admit(queue, _event(10 + i, user=f"v{i}", guild="g1", channel=f"c{2 + i}"), max_chars=280,
+                 checks=[lim.check]).accepted for i in range(3)]
+    assert ok == [True, True, False]  # guild limit (2 + 2 accepted)
+    assert lim.limited(_event(20, guild="g2", channel="c9")) is None
+
+
+def test_queue_cap_says_busy(queue: Queue, clock) -> None:
+    lim = _limiter(queue, clock, user_burst=0, user_hourly=0, queue_cap=2)
+    assert admit(queue, _event(1, user="a"), max_chars=280, checks=[lim.check]).accepted
+    assert admit(queue, _event(2, user="b"), max_chars=280, checks=[lim.check]).accepted
+    busy = admit(queue, _event(3, user="c"), max_chars=280, checks=[lim.check])
+    assert not busy.accepted and busy.refusal == LimitsConfig().busy_message
+    queue.claim("w", 1)  # one leaves the queue: room again
+    assert admit(queue, _event(4, user="d"), max_chars=280, checks=[lim.check]).accepted
