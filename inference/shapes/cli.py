@@ -38,11 +38,13 @@ def _group(root: click.Group, name: str, help: str) -> click.Group:
 @click.option("--steps", type=int, default=None, help="Transformer training steps (default 6000).")
 @click.option("--batch", type=int, default=None, help="Transformer batch (default 64).")
 @click.option("--lr", type=float, default=None)
+@click.option("--dtype", type=click.Choice(["float32", "float16", "int8"]), default="float32", show_default=True,
+              help="Bundle weights (int8: MatMul weights of the transformer quantised).")
 @click.option("--tune/--no-tune", default=True, show_default=True,
               help="Choose the manifest's sampling defaults by measurement after export.")
 def train_shapes_cmd(out: Path, device: str, threads: int, seed: int, scenes: int | None, vq_steps: int | None,
                      vq_batch: int | None, vq_lr: float | None, steps: int | None, batch: int | None,
-                     lr: float | None, tune: bool) -> None:
+                     lr: float | None, dtype: str, tune: bool) -> None:
     """Train the shapes-world model end to end (VQGAN, transformer), export and tune the bundle.
 
     Seeded and resumable: run the same command again to continue an interrupted run; finished
@@ -61,7 +63,7 @@ def train_shapes_cmd(out: Path, device: str, threads: int, seed: int, scenes: in
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     ns = argparse.Namespace(seed=seed, scenes=scenes or Recipe.scenes, vq_steps=vq_steps, vq_batch=vq_batch,
                             vq_lr=vq_lr, steps=steps, batch=batch, lr=lr)
-    result = train_shapes(out, _recipe_from_args(ns), device=device, tune=tune)
+    result = train_shapes(out, _recipe_from_args(ns), device=device, tune=tune, dtype=dtype)
     click.echo(json.dumps({"bundle": result["bundle"], "sampling": result.get("sampling", {}).get("chosen"),
                            "training": {k: result["training"].get(k) for k in (
                                "vq_steps", "vq_seconds", "transformer_steps", "transformer_seconds")}},

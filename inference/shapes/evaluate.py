@@ -66,6 +66,16 @@ class Report:
             out[kind] = (self._rate(sub), len(sub))
         return out
 
+    def failures(self, top: int = 6) -> list[dict]:
+        """The most frequent sets of failed attributes, each with its share and example prompts."""
+        groups: dict[tuple[str, ...], list[str]] = {}
+        for s in self.scores:
+            failed = tuple(a for a, ok in s.checks.items() if not ok)
+            if failed:
+                groups.setdefault(failed, []).append(s.prompt)
+        ranked = sorted(groups.items(), key=lambda kv: -len(kv[1]))[:top]
+        return [{"failed": list(k), "share": len(v) / len(self.scores), "examples": v[:3]} for k, v in ranked]
+
     def as_dict(self) -> dict:
         return {
             "prompts": len(self.scores),
@@ -76,6 +86,7 @@ class Report:
             "attributes": {k: v[0] for k, v in self.accuracy().items()},
             "by_kind": {k: v[0] for k, v in self.by_kind().items()},
             "diversity": self.diversity,
+            "failures": self.failures(),
         }
 
     def format(self) -> str:

@@ -123,6 +123,38 @@ def render_card(train_dir: Path, eval_json: dict[str, Any], bundle_dir: Path, sh
                   *[f"| {r['condition_scale']} | {r['top_k']} | {r['temperature']} | {_pct(r['fully_correct'])} | "
                     f"{_pct(r['unseen'])} | {_pct(r['diversity'])} |" for r in tuning["results"]], ""]
     lines += [f"Contact sheet (first 64 prompts; failed attributes in red): ![contact sheet]({sheet})", ""]
+    if eval_json.get("failures"):
+        lines += ["## Known failure modes", "",
+                  "The most frequent sets of failed attributes in the evaluation above (share of all prompts, "
+                  "examples):", ""]
+        for f in eval_json["failures"]:
+            lines.append(f"- {', '.join(f['failed'])}: {_pct(f['share'])}, e.g. "
+                         + "; ".join(f"`{e}`" for e in f["examples"]))
+        lines += ["- Prompts outside the grammar still produce an image (the model does its best), but "
+                  "nothing outside the shapes world was ever seen: expect shapes, not cats.", ""]
+    lines += [
+        "## Reproduce",
+        "",
+        "```",
+        "pip install -e '.[train]'",
+        "dallebot train shapes --out DIR " + " ".join(
+            f"--{k} {v}" for k, v in (("seed", recipe["seed"]), ("scenes", recipe["scenes"]),
+                                      ("vq-steps", training["vq_steps"]), ("vq-batch", recipe["vq"]["batch"]),
+                                      ("vq-lr", recipe["vq"]["lr"]), ("steps", training["transformer_steps"]),
+                                      ("batch", recipe["transformer"]["batch"]),
+                                      ("lr", recipe["transformer"]["lr"]))),
+        "dallebot eval shapes --model DIR/bundle --n 300 --seed 0 --diversity 100 --speed --json DIR/eval.json",
+        "```",
+        "",
+        "Training resumes where it stopped (same command); each stage writes `ckpt.pt`, `history.jsonl`, "
+        "`loss.png` and a contact sheet under `DIR/vq/` and `DIR/transformer/`. On a machine with a GPU, "
+        "`scripts/gpu_train_shapes.sh` runs the same recipe with time budgets (about 7 minutes on one "
+        "H200) and packs the weights; `python -m inference.training.pipeline --unpack` and `dallebot train "
+        "shapes --out DIR` then export and tune on any machine. On this project's 2-core CPU machines the "
+        "recipe is slow (a VQ step at batch 32 takes 0.4-2.6 s and a transformer step at batch 64 "
+        "0.7-4 s, depending on what else runs), i.e. several hours for the full recipe.",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -81,6 +81,10 @@ def train_models(out: Path, recipe: Recipe = Recipe(), *, device: str = "auto", 
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     out.mkdir(parents=True, exist_ok=True)
+    done = [out / "vq" / "final.pt", out / "transformer" / "final.pt", out / "training.json"]
+    if all(p.is_file() for p in done):
+        _log.info("both stages are finished in %s: nothing to train", out)
+        return json.loads(done[2].read_text(encoding="utf-8"))
     work = work or out
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -109,7 +113,8 @@ def train_models(out: Path, recipe: Recipe = Recipe(), *, device: str = "auto", 
     return summary
 
 
-def export(out: Path, bundle_dir: Path, summary: dict[str, Any] | None = None, progress: bool = True):
+def export(out: Path, bundle_dir: Path, summary: dict[str, Any] | None = None, progress: bool = True,
+           dtype: str = "float32"):
     """Export the trained parts with the engine's exporter (needs the ``train`` extra)."""
     from ..bundle import SamplingDefaults
     from ..export import ModelParts, export_bundle
@@ -129,7 +134,7 @@ def export(out: Path, bundle_dir: Path, summary: dict[str, Any] | None = None, p
         "recipe": summary.get("recipe"),
     }
     return export_bundle(ModelParts(encoder, decoder, vq.vqgan).eval(), TOKENIZER_DIR, bundle_dir,
-                         name=BUNDLE_NAME, sampling=SamplingDefaults(condition_scale=3.0, top_k=32),
+                         name=BUNDLE_NAME, dtype=dtype, sampling=SamplingDefaults(condition_scale=3.0, top_k=32),
                          provenance=provenance, license="Apache-2.0", overwrite=True, progress=progress,
                          description="The project's own shapes-world model (64 px, 8x8 codes), trained "
                                      "from scratch by `dallebot train shapes`.")
@@ -185,11 +190,12 @@ def tune_sampling(bundle_dir: Path, n: int = 100, seed: int = 1000, grid: list[d
 
 
 def train_shapes(out: Path, recipe: Recipe = Recipe(), *, device: str = "auto", tune: bool = True,
-                 bundle_dir: Path | None = None, progress: bool = True, **train_kw: Any) -> dict[str, Any]:
+                 bundle_dir: Path | None = None, progress: bool = True, dtype: str = "float32",
+                 **train_kw: Any) -> dict[str, Any]:
     """Everything ``dallebot train shapes`` does; writes OUT/bundle and OUT/report.json."""
     summary = train_models(out, recipe, device=device, progress=progress, **train_kw)
     bundle_dir = bundle_dir or out / "bundle"
-    export(out, bundle_dir, summary, progress=progress)
+    export(out, bundle_dir, summary, progress=progress, dtype=dtype)
     result: dict[str, Any] = {"training": summary, "bundle": str(bundle_dir)}
     if tune:
         result["sampling"] = tune_sampling(bundle_dir, progress=progress)
