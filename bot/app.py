@@ -11,6 +11,7 @@ from bot.config import Settings
 from bot.generation import Generator
 from bot.platforms.base import Platform
 from bot.platforms.local import LocalPlatform
+from bot.safety import ImageClassifier, PromptFilter, build_prompt_filter
 from storage import db as dbmod
 from storage.queue import Queue, QueuePolicy
 
@@ -23,6 +24,8 @@ class App:
     db: dbmod.Database
     queue: Queue
     platforms: dict[str, Platform] = field(default_factory=dict)
+    # The [safety] prompt filter every intake uses (None: switched off).
+    prompt_filter: PromptFilter | None = None
 
     @property
     def local(self) -> LocalPlatform:
@@ -33,6 +36,17 @@ class App:
         from bot.model import load_generator
 
         return load_generator(self.settings.model)
+
+    @cached_property
+    def classifier(self) -> ImageClassifier | None:
+        """The NSFW image classifier ([safety] nsfw_model), or None when nsfw_enabled is false."""
+        cfg = self.settings.safety
+        if not cfg.nsfw_enabled:
+            return None
+        from inference.nsfw import NsfwClassifier
+
+        return NsfwClassifier.load(cfg.nsfw_model or None, threads=self.settings.model.threads,
+                                   provider=self.settings.model.provider)
 
     def close(self) -> None:
         self.db.dispose()
@@ -56,6 +70,16 @@ def open_app(settings: Settings, *, auto_upgrade: bool | None = None, check_sche
         dbmod.ensure_schema(db, auto_upgrade=db.is_sqlite if auto_upgrade is None else auto_upgrade)
     queue = Queue(db, QueuePolicy.from_config(settings.queue))
     platforms: dict[str, Platform] = {}
+    prompt_filter = build_prompt_filter(settings.safety)
     if settings.local.enabled:
-        platforms["local"] = LocalPlatform(Path(settings.outbox_dir))
-    return App(settings=settings, db=db, queue=queue, platforms=platforms)
+        platforms["local"] = LocalPlatform(Path(settings.outbox_dir), prompt_filter=prompt_filter)
+    if settings.x.enabled:
+        from bot.platforms.x import XPlatform
+
+        platforms["x"] = XPlatform(settings.x, queue, max_prompt_chars=settings.queue.max_prompt_chars)
+    if settings.discord.enabled:
+        from bot.platforms.discord import DiscordPlatform
+
+        platforms["discord"] = DiscordPlatform(settings.discord, queue, max_prompt_chars=settings.queue.max_prompt_chars,
+                                               default_images=settings.queue.default_images)
+    return App(settings=settings, db=db, queue=queue, platforms=platforms, prompt_filter=prompt_filter)

@@ -3,7 +3,12 @@
 Jobs (APScheduler AsyncIOScheduler, each ``max_instances=1, coalesce=True`` so none piles up):
 - ``generate``: claim a batch and generate it, in a worker thread (never on the event loop);
 - ``deliver``: post generated results, in a worker thread;
-- ``reclaim``: return expired leases to the queue.
+- ``reclaim``: return expired leases to the queue;
+- ``poll-<platform>`` (intake role): one intake round of a polling adapter (X mentions).
+
+Adapters that take events by themselves (:class:`bot.platforms.admission.IntakeSource`: the X poller,
+the Discord gateway client) are started on this event loop; Discord delivery from the worker thread
+goes back to this loop through ``asyncio.run_coroutine_threadsafe``.
 
 The web server (uvicorn) serves the dashboard, ``/healthz`` and ``/metrics``.
 """
@@ -29,7 +34,8 @@ class Service:
         self.host, self.port = host, port
         self.worker = (
             Worker(app.queue, app.generator, app.platforms, app.settings.images_dir,
-                   batch_size=app.settings.queue.batch_size)
+                   batch_size=app.settings.queue.batch_size,
+                   classifier=app.classifier, nsfw_threshold=app.settings.safety.nsfw_threshold)
             if "worker" in self.roles
             else None
         )
@@ -61,6 +67,19 @@ class Service:
             scheduler.add_job(self._generate, "interval", seconds=1, id="generate", **opts)
             scheduler.add_job(self._deliver, "interval", seconds=1, id="deliver", **opts)
             scheduler.add_job(self._reclaim, "interval", seconds=15, id="reclaim", **opts)
+        # Platform adapters that take events by themselves (X poller, Discord gateway): started on
+        # this loop; a worker-only process starts them for delivery only (no polling, no gateway).
+        from bot.platforms.admission import IntakeSource
+
+        intake = "intake" in self.roles
+        started: list[IntakeSource] = []
+        for platform in self.app.platforms.values():
+            if isinstance(platform, IntakeSource) and (intake or self.worker is not None):
+                await platform.start(intake=intake)
+                started.append(platform)
+                if intake and platform.poll_interval:
+                    scheduler.add_job(platform.poll, "interval", seconds=platform.poll_interval,
+                                      id=f"poll-{platform.name}", **opts)
         scheduler.start()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -81,6 +100,11 @@ class Service:
         await self.stopping.wait()
         _log.warning("shutting down")
         scheduler.shutdown(wait=False)
+        for platform in started:
+            try:
+                await platform.stop()
+            except Exception:  # shut the rest down anyway
+                _log.exception("stopping the %s adapter failed", platform.name)
         if server is not None and server_task is not None:
             server.should_exit = True
             await server_task

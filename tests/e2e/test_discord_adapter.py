@@ -30,6 +30,15 @@ EDIT_ORIGINAL = "PATCH /webhooks/{application_id}/{token}/messages/{message_id}"
 CHANNEL_POST = "POST /channels/{channel_id}/messages"
 
 
+@pytest.fixture(params=["sqlite"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """This module runs on SQLite; the tests marked ``BOTH_DATABASES`` also on PostgreSQL."""
+    return request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_schema_url")
+
+
+BOTH_DATABASES = pytest.mark.parametrize("db_url", ["sqlite", "postgres"], indirect=True)
+
+
 @pytest.fixture
 async def fake() -> AsyncIterator[FakeDiscord]:
     async with FakeDiscord() as server:
@@ -96,6 +105,7 @@ def stored(queue: Queue, inter: FakeInteraction) -> RequestRecord:
     return rec
 
 
+@BOTH_DATABASES
 async def test_dalle_is_deferred_shows_its_position_and_ends_with_the_images(
         fake: FakeDiscord, adapter: DiscordPlatform, worker: Worker, queue: Queue) -> None:
     first = await dalle(fake, fake.add_user("alice"), prompt="a lighthouse at dusk")
@@ -169,6 +179,7 @@ async def test_closed_dms_fail_without_retry(fake: FakeDiscord, adapter: Discord
     assert stored(queue, inter).status == Status.FAILED
 
 
+@BOTH_DATABASES
 async def test_duplicated_interaction_is_one_request(fake: FakeDiscord, adapter: DiscordPlatform,
                                                      queue: Queue) -> None:
     inter = await dalle(fake, fake.add_user("mason"), prompt="twice")
@@ -250,6 +261,7 @@ async def _mod(fake: FakeDiscord, user: DiscordUser, sub: str, options: list[dic
     return await answered(fake, inter)
 
 
+@BOTH_DATABASES
 async def test_moderator_commands_refuse_members_without_the_role(fake: FakeDiscord, adapter: DiscordPlatform,
                                                                   queue: Queue) -> None:
     plain = fake.add_user("plain")
@@ -321,6 +333,7 @@ async def test_commands_are_synced_only_when_they_change(fake: FakeDiscord, queu
     assert images["max_value"] == 9
 
 
+@BOTH_DATABASES
 async def test_bad_input_through_discord(fake: FakeDiscord, adapter: DiscordPlatform, worker: Worker,
                                          queue: Queue) -> None:
     cases = [*BAD_INPUT, ("mass mention", "@everyone <@&1> look at this <@1> cat")]
@@ -349,3 +362,43 @@ def test_settings_are_frozen_dataclasses() -> None:
     cfg = DiscordConfig()
     assert dataclasses.replace(cfg, max_images=2).max_images == 2 and not cfg.enabled
     assert Permissions.MANAGE_MESSAGES == 1 << 13
+
+
+async def test_serve_runs_both_adapters_end_to_end(fake: FakeDiscord, db_url: str, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """``dallebot serve`` (intake + worker roles): the X poll job and the Discord client on the service's
+    loop, the worker's delivery thread handing Discord work back to it."""
+    from bot.app import open_app
+    from bot.config import DatabaseConfig, DataConfig, Settings, XConfig
+    from bot.fakes.x_server import FakeX
+    from bot.service import Service
+
+    monkeypatch.setattr(discord.http.Route, "BASE", fake.api_base)
+    monkeypatch.setattr(DiscordWebSocket, "DEFAULT_GATEWAY", yarl.URL(fake.gateway_url))
+    with FakeX() as fake_x:
+        s = Settings(data=DataConfig(dir=str(tmp_path / "data")), database=DatabaseConfig(url=db_url),
+                     x=XConfig(enabled=True, api_base_url=fake_x.base_url, poll_interval=1.0, **fake_x.credentials()),
+                     discord=settings(fake))
+        app = open_app(s, auto_upgrade=True)
+        app.__dict__["generator"] = LetterGenerator()  # the model boundary
+        assert set(app.platforms) == {"local", "x", "discord"}
+        app.platforms["discord"].client._connection.guild_ready_timeout = 0.05  # type: ignore[attr-defined]
+        service = Service(app, roles=("intake", "worker"))
+        task = asyncio.create_task(service.run())
+        try:
+            mention = fake_x.add_mention(fake_x.add_user("alice"), "a cat on a skateboard")
+            await fake.wait_until_identified(TIMEOUT)
+            await fake.wait_for(lambda f: f.guild_commands.get(f.guild.id), TIMEOUT)
+            inter = await fake.send_slash_command("dalle", {"prompt": "a dog on a bike"}, user=fake.add_user("mason"))
+            await fake.wait_for(lambda f: inter.original and len(inter.original.attachments) == 4, 15)
+            await asyncio.wait_for(asyncio.to_thread(fake_x.wait_for, lambda f: f.replies_to(mention), 15), 16)
+            assert len(fake_x.replies_to(mention)) == 1 and fake_x.replies_to(mention)[0].media_keys
+        finally:
+            service.stopping.set()
+            await asyncio.wait_for(task, TIMEOUT)
+            # As asyncio.run() does when `dallebot serve` exits: let the job threads finish first.
+            await asyncio.wait_for(asyncio.get_running_loop().shutdown_default_executor(), 30)
+        try:
+            assert {r.status for r in app.queue.list()} == {Status.POSTED}  # marked after the replies
+        finally:
+            app.close()

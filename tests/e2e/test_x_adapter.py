@@ -39,6 +39,15 @@ class EpochClock:
         self.now += seconds
 
 
+@pytest.fixture(params=["sqlite"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """This module runs on SQLite; the tests marked ``BOTH_DATABASES`` also on PostgreSQL."""
+    return request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_schema_url")
+
+
+BOTH_DATABASES = pytest.mark.parametrize("db_url", ["sqlite", "postgres"], indirect=True)
+
+
 @pytest.fixture
 def xclock() -> EpochClock:
     return EpochClock()
@@ -82,6 +91,7 @@ def one_request(queue: Queue, mention: XTweet):
     return rec
 
 
+@BOTH_DATABASES
 def test_mention_becomes_exactly_one_threaded_reply_with_the_image(fake: FakeX, x: XPlatform, worker: Worker,
                                                                   queue: Queue) -> None:
     alice, pixel = fake.add_user("alice"), fake.add_user("pixel_fan")
@@ -124,6 +134,7 @@ def test_separate_photos_layout(fake: FakeX, queue: Queue, xclock: EpochClock, t
     assert len(reply.media_keys) == 3
 
 
+@BOTH_DATABASES
 def test_duplicated_and_edited_mention_is_one_request(fake: FakeX, x: XPlatform, worker: Worker,
                                                       queue: Queue) -> None:
     alice = fake.add_user("alice")
@@ -138,6 +149,7 @@ def test_duplicated_and_edited_mention_is_one_request(fake: FakeX, x: XPlatform,
     assert len(fake.replies_to(mention)) == 1
 
 
+@BOTH_DATABASES
 def test_restart_mid_poll_repeats_nothing(fake: FakeX, x: XPlatform, worker: Worker, queue: Queue,
                                           xclock: EpochClock, clock: FakeClock,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
@@ -173,6 +185,7 @@ def test_restart_mid_poll_repeats_nothing(fake: FakeX, x: XPlatform, worker: Wor
     restarted.client.session.close()
 
 
+@BOTH_DATABASES
 def test_only_one_poller_across_processes(fake: FakeX, x: XPlatform, queue: Queue, xclock: EpochClock,
                                           clock: FakeClock) -> None:
     other = make_x(fake, queue, xclock)
@@ -249,6 +262,7 @@ def test_deleted_or_protected_tweet_fails_without_retry(fake: FakeX, x: XPlatfor
     assert len(fake.requests_to("POST /2/tweets")) == 2
 
 
+@BOTH_DATABASES
 def test_refusals_have_their_own_daily_budget(fake: FakeX, queue: Queue, xclock: EpochClock) -> None:
     x = make_x(fake, queue, xclock, daily_refusal_budget=2)
     mentions = [fake.add_mention(fake.add_user(f"spammer{i}"), "") for i in range(4)]
@@ -264,6 +278,7 @@ def test_refusals_have_their_own_daily_budget(fake: FakeX, queue: Queue, xclock:
     x.client.session.close()
 
 
+@BOTH_DATABASES
 def test_daily_post_budget(fake: FakeX, queue: Queue, xclock: EpochClock, tmp_path: Path) -> None:
     x = make_x(fake, queue, xclock, daily_post_budget=1)
     worker = Worker(queue, LetterGenerator(), {"x": x}, tmp_path / "img", owner="w")
@@ -307,6 +322,7 @@ def test_own_posts_retweets_and_thread_replies_are_ignored(fake: FakeX, x: XPlat
     assert ids == {mention.id} and bot_reply.id not in ids
 
 
+@BOTH_DATABASES
 def test_bad_input_through_x(fake: FakeX, x: XPlatform, worker: Worker, queue: Queue) -> None:
     mentions = {name: fake.add_mention(fake.add_user(f"user{i}"), f"@dalle_mini_bot {text}")
                 for i, (name, text) in enumerate(BAD_INPUT)}
