@@ -34,6 +34,7 @@ import hashlib
 import json
 import logging
 import random
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -117,6 +118,9 @@ class DiscordPlatform:
             guild, _, channel = entry.partition(":")
             self._allowed.setdefault(guild, set()).add(channel)
         self._loop: asyncio.AbstractEventLoop | None = None
+        # A private loop and its thread, when no service runs this adapter (see _own_loop).
+        self._own: tuple[asyncio.AbstractEventLoop, threading.Thread] | None = None
+        self._own_lock = threading.Lock()
         self._task: asyncio.Task[None] | None = None
         self._updater: asyncio.Task[None] | None = None
         self.synced: list[str] = []  # scopes synced at the last start (for logs and tests)
@@ -444,8 +448,50 @@ class DiscordPlatform:
 
     # ---- delivery -------------------------------------------------------------------------
 
+    def _own_loop(self) -> None:
+        """No event loop runs this adapter (``dallebot worker --drain``): start a private loop in a
+        daemon thread and log in there for REST only (channel or DM delivery)."""
+        with self._own_lock:
+            if self._loop is not None:
+                return
+            loop = asyncio.new_event_loop()
+
+            def run() -> None:
+                try:
+                    loop.run_forever()
+                finally:
+                    loop.run_until_complete(loop.shutdown_default_executor())
+                    loop.close()
+
+            thread = threading.Thread(target=run, name="discord-delivery", daemon=True)
+            thread.start()
+            self._own = (loop, thread)
+            try:
+                asyncio.run_coroutine_threadsafe(self.start(intake=False), loop).result(60)
+            except Exception as exc:
+                self.close()
+                raise DeliveryError(f"cannot log in to Discord: {exc}") from exc
+
+    def close(self) -> None:
+        """Log out and stop the private loop started by :meth:`_own_loop` (if any)."""
+        if self._own is None:
+            return
+        loop, thread = self._own
+        try:
+            asyncio.run_coroutine_threadsafe(self.client.close(), loop).result(30)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(30)
+            self._own = self._loop = None
+
     def _run(self, coro: Any) -> Any:
         """Run ``coro`` on the client's loop from the worker's thread and wait for it."""
+        if self._loop is None:
+            try:
+                self._own_loop()
+            except DeliveryError:
+                coro.close()
+                raise
         loop = self._loop
         try:
             running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()

@@ -402,3 +402,20 @@ async def test_serve_runs_both_adapters_end_to_end(fake: FakeDiscord, db_url: st
             assert {r.status for r in app.queue.list()} == {Status.POSTED}  # marked after the replies
         finally:
             app.close()
+
+
+async def test_drain_worker_without_a_running_client_posts_in_the_channel(
+        fake: FakeDiscord, adapter: DiscordPlatform, queue: Queue, tmp_path: Path) -> None:
+    """``dallebot worker --drain`` has no event loop for Discord: the adapter logs in on a private
+    loop (REST only) and delivers as a channel message (the interaction token lives elsewhere)."""
+    mason = fake.add_user("mason")
+    inter = await dalle(fake, mason, prompt="a drained cat")
+    drain_only = DiscordPlatform(settings(fake), queue)
+    try:
+        worker = Worker(queue, LetterGenerator(), {"discord": drain_only}, tmp_path / "img", owner="drain")
+        await work(worker)
+    finally:
+        await asyncio.to_thread(drain_only.close)
+    [posted] = [m for m in fake.channel_messages(fake.channel) if m.kind == "channel"]
+    assert posted.content.startswith(f"<@{mason.id}> `a drained cat`") and len(posted.attachments) == 4
+    assert stored(queue, inter).status == Status.POSTED
