@@ -344,3 +344,31 @@ def test_bad_input_through_x(fake: FakeX, x: XPlatform, worker: Worker, queue: Q
     assert sql.prompt == "a cat'); DROP TABLE requests; -- \" OR 1=1"  # stored as text, tables intact
     html = one_request(queue, mentions["html"])
     assert html.prompt_raw.startswith("<script>")
+
+
+def test_platform_settings_validation_and_secrets_from_the_environment(tmp_path: Path) -> None:
+    from bot.config import ConfigError, load_settings, secret_values
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[x]\nenabled = true\n')
+    with pytest.raises(ConfigError, match=r"x\.enabled in .*c\.toml needs bearer_token"):
+        load_settings(cfg, env={})
+    env = {f"DALLEBOT_X_{k.upper()}": f"env-{k}" for k in
+           ("bearer_token", "consumer_key", "consumer_secret", "access_token", "access_token_secret")}
+    s = load_settings(cfg, env={**env, "DALLEBOT_DISCORD_TOKEN": "env-discord"})
+    assert s.x.enabled and s.x.access_token == "env-access_token" and s.discord.token == "env-discord"
+    assert set(secret_values(s)) == set(env.values()) | {"env-discord"}
+    for text, message in [
+        ('[discord]\nallowed_channels = ["general"]\n', "discord.allowed_channels"),
+        ('[discord]\nguild_ids = [123]\n', r"guild_ids.*expected a string, got int"),
+        ('[discord]\nmax_images = 11\n', "discord.max_images"),
+        ('[x]\nimages = 9\n', "x.images"),
+        ('[x]\nreply_layout = "mosaic"\n', "x.reply_layout"),
+        ('[x]\napi_base_url = "127.0.0.1:8081"\n', "x.api_base_url"),
+    ]:
+        cfg.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_settings(cfg, env={})
+    cfg.write_text('[discord]\nallowed_channels = ["1:2", "1:3"]\nmoderator_roles = ["Mods", "Helpers"]\n')
+    s = load_settings(cfg, env={})
+    assert s.discord.allowed_channels == ("1:2", "1:3") and s.discord.moderator_roles == ("Mods", "Helpers")
