@@ -9,6 +9,7 @@ from pathlib import Path
 
 from bot.config import Settings
 from bot.generation import Generator
+from bot.platforms.admission import Check
 from bot.platforms.base import Platform
 from bot.platforms.local import LocalPlatform
 from bot.safety import ImageClassifier, PromptFilter, build_prompt_filter
@@ -76,10 +77,26 @@ def open_app(settings: Settings, *, auto_upgrade: bool | None = None, check_sche
     if settings.x.enabled:
         from bot.platforms.x import XPlatform
 
-        platforms["x"] = XPlatform(settings.x, queue, max_prompt_chars=settings.queue.max_prompt_chars)
+        platforms["x"] = XPlatform(settings.x, queue, max_prompt_chars=settings.queue.max_prompt_chars,
+                                   checks=_intake_checks(settings, queue, prompt_filter))
     if settings.discord.enabled:
         from bot.platforms.discord import DiscordPlatform
 
         platforms["discord"] = DiscordPlatform(settings.discord, queue, max_prompt_chars=settings.queue.max_prompt_chars,
-                                               default_images=settings.queue.default_images)
+                                               default_images=settings.queue.default_images,
+                                               checks=_intake_checks(settings, queue, prompt_filter))
     return App(settings=settings, db=db, queue=queue, platforms=platforms, prompt_filter=prompt_filter)
+
+
+def _intake_checks(settings: Settings, queue: Queue, prompt_filter: PromptFilter | None) -> list[Check]:
+    """What the X and Discord intakes check before storing a request: the [safety] prompt filter,
+    then the [limits] rate limits (each returns the refusal for the user, or None)."""
+    from bot.ratelimit import RateLimiter
+    from bot.safety import check_prompt
+    from storage.limits import LimitCounts
+
+    checks: list[Check] = []
+    if prompt_filter is not None:
+        checks.append(lambda event: check_prompt(prompt_filter, event.prompt_raw))
+    checks.append(RateLimiter(LimitCounts(queue.db), settings.limits, clock=queue.clock).check)
+    return checks

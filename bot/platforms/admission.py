@@ -78,8 +78,11 @@ def storable(text: str, limit: int = MAX_STORED_CHARS) -> str:
 
 
 def admit(queue: Queue, event: IntakeEvent, *, max_chars: int, checks: Sequence[Check] = (),
-          actor: str | None = None) -> Admission:
-    """Validate and store ``event``; never raises for bad input (only for storage errors)."""
+          actor: str | None = None, store_refusals: bool = True) -> Admission:
+    """Validate and store ``event``; never raises for bad input (only for storage errors).
+
+    ``store_refusals=False`` (the local platform, whose caller shows the message at once): a refused
+    prompt raises :class:`PromptRejected` instead of being stored."""
     raw = storable(event.prompt_raw)
     refusal: str | None = None
     prompt = ""
@@ -95,6 +98,8 @@ def admit(queue: Queue, event: IntakeEvent, *, max_chars: int, checks: Sequence[
             refusal = check(event)
             if refusal is not None:
                 break
+    if refusal is not None and not store_refusals:
+        raise PromptRejected(refusal)
     if not prompt:
         prompt = normalize_prompt(raw)[:max_chars]
     new = NewRequest(

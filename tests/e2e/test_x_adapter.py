@@ -372,3 +372,30 @@ def test_platform_settings_validation_and_secrets_from_the_environment(tmp_path:
     cfg.write_text('[discord]\nallowed_channels = ["1:2", "1:3"]\nmoderator_roles = ["Mods", "Helpers"]\n')
     s = load_settings(cfg, env={})
     assert s.discord.allowed_channels == ("1:2", "1:3") and s.discord.moderator_roles == ("Mods", "Helpers")
+
+
+def test_open_app_applies_the_prompt_filter_and_rate_limits(fake: FakeX, db_url: str, tmp_path: Path) -> None:
+    from bot.app import open_app
+    from bot.config import DatabaseConfig, DataConfig, LimitsConfig, SafetyConfig, Settings
+
+    s = Settings(data=DataConfig(dir=str(tmp_path / "data")), database=DatabaseConfig(url=db_url),
+                 x=XConfig(enabled=True, api_base_url=fake.base_url, **fake.credentials()),
+                 safety=SafetyConfig(deny=("grobble",), use_default_list=False, nsfw_enabled=False),
+                 limits=LimitsConfig(user_burst=1))
+    app = open_app(s, auto_upgrade=True)
+    try:
+        x = app.platforms["x"]
+        alice = fake.add_user("alice")
+        filtered = fake.add_mention(alice, "a grobble in the garden")
+        first = fake.add_mention(alice, "a cat in the garden")
+        second = fake.add_mention(alice, "a dog in the garden")
+        assert x.poll_once() == 3
+        assert one_request(app.queue, first).status == Status.QUEUED
+        for mention in (filtered, second):  # refused by the filter, then by the burst limit
+            rec = one_request(app.queue, mention)
+            [reply] = fake.replies_to(mention)
+            assert rec.status == Status.REJECTED and shown(reply).startswith(rec.error or "?")
+        assert "try again in" in (one_request(app.queue, second).error or "")
+        x.client.session.close()
+    finally:
+        app.close()
