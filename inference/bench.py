@@ -69,7 +69,7 @@ def worker_ours(bundle: str, batch: int, steps: int, threads: int, provider: str
     codes = np.random.default_rng(0).integers(0, pipe.config.num_codes, (batch, n))
     pipe.decode_pixels(codes[:1])
     t0 = time.perf_counter()
-    pipe.decode_pixels(codes, batch=batch)
+    pipe.decode_pixels(codes)
     vq_s = time.perf_counter() - t0
     return {"impl": f"ours ({pipe.bundle.dtype}, {pipe.device})", "batch": batch, "load_s": load_s,
             "encoder_s": enc_s - step_s, "step_s": step_s, "vqgan_s": vq_s, "steps_timed": len(stamps),
@@ -123,13 +123,21 @@ def worker_min_dalle(batch: int, steps: int, threads: int) -> dict[str, Any]:
             step_times.append(time.perf_counter() - t0)
     step_s = float(np.median(step_times[1:] or step_times))
     codes = torch.from_numpy(np.random.default_rng(0).integers(0, 2 ** 14, (batch, n)))
-    detok.forward(False, codes[:1])
+    _min_dalle_detokenize(detok, codes[:1])
     t0 = time.perf_counter()
-    detok.forward(False, codes)
+    _min_dalle_detokenize(detok, codes)
     vq_s = time.perf_counter() - t0
     return {"impl": "min-dalle 0.4.11 (torch float32, cpu)", "batch": batch, "load_s": load_s, "encoder_s": enc_s,
             "step_s": step_s, "vqgan_s": vq_s, "steps_timed": len(step_times), "image_length": n,
             "peak_mb": _peak_mb()}
+
+
+def _min_dalle_detokenize(detok: Any, codes: Any) -> Any:
+    """min-dalle's VQGanDetokenizer.forward (non-seamless) minus its final reshape into a square
+    grid, which rejects batches that are not a square number."""
+    z = detok.embedding.forward(codes).view((codes.shape[0], 16, 16, 256))
+    z = detok.post_quant_conv.forward(z.permute(0, 3, 1, 2).contiguous())
+    return detok.decoder.forward(z).permute(0, 2, 3, 1).clip(0.0, 1.0) * 255
 
 
 def _run_worker(args: list[str], timeout: float) -> dict[str, Any]:
@@ -193,8 +201,8 @@ def bench_inference(bundle: Path, int8_bundle: Path | None, batches: str, steps:
         if bundle != DEFAULT_BUNDLE:
             raise click.ClickException(f"{bundle} is not a bundle")
         click.echo(f"building {bundle} (random-weight DALL·E Mini, ~2 min)...", err=True)
-        subprocess.run([sys.executable, "-c", "from bot.cli import main; main()", "export", "--random-weights", "mini",
-                        "--out", str(bundle)], check=True)
+        subprocess.run([sys.executable, "-m", "inference", "export", "--random-weights", "mini", "--out", str(bundle)],
+                       check=True)
     results: list[dict[str, Any]] = []
     for b in sizes:
         runs = [["ours", str(bundle)]] + ([["ours", str(int8_bundle)]] if int8_bundle else []) + \

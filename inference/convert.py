@@ -17,8 +17,11 @@ missing, unexpected or wrongly shaped parameter is a ``CheckpointError`` naming 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -398,16 +401,11 @@ def load_checkpoint(folder: str | Path, vqgan_folder: str | Path | None = None,
 
 def _with_codes(cfg: ModelConfig, n_embed: int) -> ModelConfig:
     """Sample only codes the VQGAN has; the start token stays the config's (16384 for Mini and Mega)."""
-    import dataclasses
-
     return dataclasses.replace(cfg, num_codes=min(cfg.image_vocab_size, n_embed))
 
 
 def _tokenizer_copy(vocab: Path, merges: Path) -> Path:
     """min-dalle's vocab_mini.json/merges_mini.txt under the standard names, in a temporary folder."""
-    import shutil
-    import tempfile
-
     tmp = Path(tempfile.mkdtemp(prefix="dallebot-tok-"))
     shutil.copyfile(vocab, tmp / "vocab.json")
     shutil.copyfile(merges, tmp / "merges.txt")

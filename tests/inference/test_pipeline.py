@@ -168,3 +168,16 @@ def test_manifest_records_what_the_issue_asks(tiny_bundle: Path) -> None:
     assert {"encoder.onnx", "decoder.onnx", "vqgan.onnx", "vocab.json", "merges.txt"} <= set(m["files"])
     assert all(len(f["sha256"]) == 64 for f in m["files"].values())
     assert "exported_with" in m["provenance"]
+
+
+def test_present_cache_bundle_runs_the_device_loop(tiny_parts, tokenizer_dir: Path, tmp_path: Path, pipe: Pipeline) -> None:
+    """A GPU-style bundle (decoder returns updated caches, ping-pong buffers) gives the same images."""
+    from inference.export import export_bundle
+
+    export_bundle(tiny_parts, tokenizer_dir, tmp_path / "present", name="tiny-present", cache="present", progress=False)
+    other = Pipeline.load(tmp_path / "present", threads=1)
+    assert other._present and not pipe._present
+    a = pipe.generate_codes(["a red circle", "hello world"], 2, [4, 5])
+    b = other.generate_codes(["a red circle", "hello world"], 2, [4, 5])
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
