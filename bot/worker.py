@@ -20,6 +20,7 @@ from pathlib import Path
 
 from bot.generation import GenerationJob, Generator
 from bot.platforms.base import DeliveryError, Platform
+from bot.safety import ImageClassifier, nsfw_hold_reason
 from storage.errors import LeaseLost
 from storage.moderators import generation_paused
 from storage.queue import Queue
@@ -81,6 +82,8 @@ class Worker:
         batch_size: int = 8,
         rng: random.Random | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        classifier: ImageClassifier | None = None,
+        nsfw_threshold: float = 0.8,
     ) -> None:
         self.queue = queue
         self.generator = generator
@@ -90,6 +93,10 @@ class Worker:
         self.batch_size = batch_size
         self.rng = rng or random.Random()
         self.sleep = sleep
+        # Every generated image is scored; a request with one at or above the threshold is held
+        # for a moderator (never posted automatically), as is one whose images cannot be scored.
+        self.classifier = classifier
+        self.nsfw_threshold = nsfw_threshold
         self.stats = DrainStats()
 
     # ---- generation -----------------------------------------------------------------------
@@ -135,8 +142,17 @@ class Worker:
                 p = folder / f"{k}.png"
                 img.save(p, format="PNG")
                 paths.append(str(p))
+            scores: list[float] = []
+            hold_reason = None
+            if self.classifier is not None:
+                try:
+                    scores = self.classifier.scores(imgs)
+                    hold_reason = nsfw_hold_reason(scores, self.nsfw_threshold)
+                except Exception as exc:  # unchecked images are never posted automatically
+                    _log.exception("NSFW check failed", extra={"request_id": r.id})
+                    hold_reason = f"NSFW check failed: {exc}"[:500]
             try:
-                self.queue.complete(claim, r.id, paths, seed=job.seed)
+                self.queue.complete(claim, r.id, paths, scores, hold_reason=hold_reason, seed=job.seed)
                 self.stats.generated += 1
                 _log.info("generated %d image(s)", len(paths), extra={"request_id": r.id, "action": "generated"})
             except LeaseLost as exc:

@@ -2,7 +2,12 @@
 
 A reply is a folder ``<data dir>/outbox/<request id>/`` holding the images and ``reply.json``.
 ``reply.json`` is written last (via a rename), so its presence means the reply is complete: that is
-what :meth:`LocalPlatform.find_delivery` checks after a crash mid-delivery.
+what :meth:`LocalPlatform.find_delivery` checks after a crash mid-delivery. A refusal (a request a
+moderator rejected) is ``refusal.json`` in the same folder, with no images.
+
+Prompts refused by the prompt filter (:func:`bot.safety.check_prompt`) are stored as ``rejected``
+with the polite refusal as the reason, so the refusal is in the queue log; the caller gets the
+stored request back.
 """
 
 from __future__ import annotations
@@ -15,16 +20,19 @@ from pathlib import Path
 
 from bot.intake import PromptRejected, validate_prompt
 from bot.platforms.base import Delivery
+from bot.safety import PromptFilter, check_prompt
 from storage.moderators import intake_paused
 from storage.queue import Queue
 from storage.records import EnqueueResult, NewRequest, RequestRecord
+from storage.states import Status
 
 
 class LocalPlatform:
     name = "local"
 
-    def __init__(self, outbox: Path) -> None:
+    def __init__(self, outbox: Path, prompt_filter: PromptFilter | None = None) -> None:
         self.outbox = Path(outbox)
+        self.prompt_filter = prompt_filter
 
     # ---- intake -------------------------------------------------------------------------
 
@@ -44,6 +52,7 @@ class LocalPlatform:
         if intake_paused(queue):
             raise PromptRejected("The bot is paused right now and is not taking new requests; please try again later.")
         normalised = validate_prompt(prompt, max_chars=max_chars)
+        refusal = check_prompt(self.prompt_filter, prompt)
         return queue.enqueue(
             NewRequest(
                 platform=self.name,
@@ -56,6 +65,8 @@ class LocalPlatform:
                 seed=seed,
             ),
             actor=actor,
+            status=Status.QUEUED if refusal is None else Status.REJECTED,
+            reason=refusal,
         )
 
     # ---- delivery -----------------------------------------------------------------------
@@ -84,6 +95,23 @@ class LocalPlatform:
         tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False), encoding="utf-8")
         os.replace(tmp, folder / "reply.json")
         return Delivery(reply_id=record["reply_id"], reply_url=str(folder / "reply.json"))
+
+    def deliver_refusal(self, request: RequestRecord, reason: str) -> Delivery:
+        """Tell the requester that ``request`` will not be drawn: ``<outbox>/<id>/refusal.json``."""
+        folder = self._dir(request)
+        folder.mkdir(parents=True, exist_ok=True)
+        record = {
+            "request_id": request.id,
+            "external_id": request.external_id,
+            "user": request.user_ref,
+            "prompt": request.prompt_raw,
+            "refusal": reason,
+            "reply_id": f"local-refusal-{request.id}",
+        }
+        tmp = folder / "refusal.json.tmp"
+        tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False), encoding="utf-8")
+        os.replace(tmp, folder / "refusal.json")
+        return Delivery(reply_id=record["reply_id"], reply_url=str(folder / "refusal.json"))
 
     def find_delivery(self, request: RequestRecord) -> Delivery | None:
         path = self._dir(request) / "reply.json"
