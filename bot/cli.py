@@ -262,7 +262,8 @@ def worker(c: Ctx, drain: bool, batch_size: int | None, max_wait: float) -> None
     c.service = True
     with c.app() as app:
         w = Worker(app.queue, app.generator, app.platforms, app.settings.images_dir,
-                   batch_size=batch_size or app.settings.queue.batch_size)
+                   batch_size=batch_size or app.settings.queue.batch_size,
+                   classifier=app.classifier, nsfw_threshold=app.settings.safety.nsfw_threshold)
         if drain:
             stats = w.drain(max_wait=max_wait, progress=lambda s: click.echo(
                 f"generated {s.generated}  posted {s.posted}  failed {s.failed}", err=True))
