@@ -85,6 +85,8 @@ def open_app(settings: Settings, *, auto_upgrade: bool | None = None, check_sche
         platforms["discord"] = DiscordPlatform(settings.discord, queue, max_prompt_chars=settings.queue.max_prompt_chars,
                                                default_images=settings.queue.default_images,
                                                checks=_intake_checks(settings, queue, prompt_filter))
+    if "discord" in platforms:
+        platforms["discord"].platforms = platforms  # type: ignore[attr-defined]  # /dalle-mod reject refuses anywhere
     return App(settings=settings, db=db, queue=queue, platforms=platforms, prompt_filter=prompt_filter)
 
 

@@ -124,6 +124,8 @@ class DiscordPlatform:
         self._task: asyncio.Task[None] | None = None
         self._updater: asyncio.Task[None] | None = None
         self.synced: list[str] = []  # scopes synced at the last start (for logs and tests)
+        #: Every platform of the app (set by open_app), so /dalle-mod reject can tell an X user too.
+        self.platforms: dict[str, Any] | None = None
 
     # ---- lifecycle (IntakeSource) ---------------------------------------------------------
 
@@ -435,7 +437,8 @@ class DiscordPlatform:
                             reason: str | None) -> None:
         try:
             rec = await asyncio.to_thread(moderation.act, self.queue, action, request_id,
-                                          actor=self._actor(interaction), reason=reason)
+                                          actor=self._actor(interaction), reason=reason,
+                                          platforms=self.platforms or {self.name: self})
         except (IllegalTransition, NotFound) as exc:
             await interaction.response.send_message(str(exc), ephemeral=True)
             return
@@ -555,6 +558,34 @@ class DiscordPlatform:
                     files=self._files(request, images), view=result_view(request.id),
                     allowed_mentions=discord.AllowedMentions(everyone=False, roles=False,
                                                              users=[discord.Object(int(request.author_id))]))
+        except (discord.HTTPException, discord.RateLimited) as exc:
+            raise _delivery_error(exc) from exc
+        return Delivery(reply_id=str(msg.id), reply_url=msg.jump_url)
+
+    def deliver_refusal(self, request: RequestRecord, message: str) -> Delivery:
+        """A moderator rejected ``request``: say so in its message, or in the channel (DM if private)."""
+        return self._run(self._refuse(request, message))
+
+    async def _refuse(self, request: RequestRecord, message: str) -> Delivery:
+        tracked = self.tracked.pop(request.id, None)
+        if tracked is not None and _seconds_left(tracked.interaction) > 0:
+            async with tracked.lock:
+                tracked.done = True
+                try:
+                    msg = await tracked.interaction.edit_original_response(content=message, view=None)
+                    return Delivery(reply_id=str(msg.id), reply_url=msg.jump_url)
+                except discord.HTTPException:
+                    pass  # the token is gone: fall back to the channel
+        try:
+            if request.options.get("private"):
+                user = await self.client.fetch_user(int(request.author_id))
+                msg = await user.send(content=message)
+            elif request.channel_id:
+                msg = await self.client.get_partial_messageable(int(request.channel_id)).send(
+                    content=f"<@{request.author_id}> {message}",
+                    allowed_mentions=discord.AllowedMentions(users=[discord.Object(int(request.author_id))]))
+            else:
+                raise DeliveryError("no channel to post the refusal in", permanent=True)
         except (discord.HTTPException, discord.RateLimited) as exc:
             raise _delivery_error(exc) from exc
         return Delivery(reply_id=str(msg.id), reply_url=msg.jump_url)

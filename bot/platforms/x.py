@@ -351,6 +351,18 @@ class XPlatform:
             raise DeliveryError(f"X refused the reply as duplicate content: {exc}", permanent=True) from exc
         return self._delivery(str(resp.data["id"]))
 
+    def deliver_refusal(self, request: RequestRecord, message: str) -> Delivery:
+        """A moderator rejected ``request``: reply with ``message`` (within the refusal budget)."""
+        if not self.refusals.take(self.cfg.daily_refusal_budget):
+            raise DeliveryError("the daily X refusal budget is spent")
+        reply_to = str(request.options.get("reply_to") or request.external_id)
+        try:
+            resp = self._call("post", self.client.create_tweet, text=texts.x_refusal(message, request.id),
+                              in_reply_to_tweet_id=reply_to)
+        except _DuplicateContent as exc:
+            raise DeliveryError(f"X refused the refusal as duplicate content: {exc}", permanent=True) from exc
+        return self._delivery(str(resp.data["id"]))
+
     def _delivery(self, tweet_id: str) -> Delivery:
         name = self._bot[1] if self._bot else "i"
         return Delivery(reply_id=tweet_id, reply_url=f"https://x.com/{name}/status/{tweet_id}")

@@ -282,6 +282,7 @@ async def test_moderator_commands_refuse_members_without_the_role(fake: FakeDisc
                                                       {"type": 3, "name": "reason", "value": "spam"}])
     assert done.content == f"Request #{rec.id} is now rejected."
     assert stored(queue, inter).status == Status.REJECTED
+    assert inter.original.content == "spam" and inter.original.custom_ids == []  # the requester is told
     again = await _mod(fake, by_role, "approve", [{"type": 4, "name": "request_id", "value": rec.id}])
     assert "cannot approve" in again.content
 
@@ -295,6 +296,7 @@ async def test_moderator_commands_refuse_members_without_the_role(fake: FakeDisc
     assert later.original.content == texts.BANNED and stored(queue, later).status == Status.REJECTED
     audit = [a for a in queue.audit() if a.actor.startswith("discord-moderator:")]
     assert [(a.action, a.actor) for a in audit] == [("rejected", f"discord-moderator:{by_permission.id}"),
+                                                    ("refusal_posted", f"discord-moderator:{by_permission.id}"),
                                                     ("banned", f"discord-moderator:{by_role.id}")]
 
 

@@ -399,3 +399,22 @@ def test_open_app_applies_the_prompt_filter_and_rate_limits(fake: FakeX, db_url:
         x.client.session.close()
     finally:
         app.close()
+
+
+def test_moderator_rejection_is_replied_within_the_refusal_budget(fake: FakeX, queue: Queue,
+                                                                  xclock: EpochClock) -> None:
+    from bot import moderation
+
+    x = make_x(fake, queue, xclock, daily_refusal_budget=1)
+    first = fake.add_mention(fake.add_user("alice"), "a questionable picture")
+    second = fake.add_mention(fake.add_user("bob"), "another questionable picture")
+    x.poll_once()
+    for mention in (first, second):
+        moderation.act(queue, "reject", one_request(queue, mention).id, actor="moderator:test", reason="Not this one.",
+                       platforms={"x": x})
+    [reply] = fake.replies_to(first)
+    assert shown(reply).startswith("Not this one. (#") and not reply.media_keys
+    assert fake.replies_to(second) == []  # over the refusal budget: recorded, not posted
+    actions = [a.action for a in queue.audit() if a.action.startswith("refusal")]
+    assert actions == ["refusal_posted", "refusal_failed"]
+    x.client.session.close()
