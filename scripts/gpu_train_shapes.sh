@@ -29,7 +29,7 @@ PYEOF
 "$PY" -m inference.training.pipeline \
     --out "$WORK/out" --work "$WORK" --device "${DEVICE:-cuda}" --no-cache \
     --seed 0 --scenes "${SCENES:-250000}" \
-    --vq-steps "${VQ_STEPS:-6000}" --vq-batch "${VQ_BATCH:-128}" --vq-lr 2e-3 --vq-budget "${VQ_BUDGET:-100}" \
-    --steps "${STEPS:-12000}" --batch "${BATCH:-256}" --lr 1.5e-3 --tf-budget "${TF_BUDGET:-200}" \
+    --vq-steps "${VQ_STEPS:-6000}" --vq-batch "${VQ_BATCH:-128}" --vq-lr 2e-3 --vq-budget "${VQ_BUDGET:-130}" \
+    --steps "${STEPS:-12000}" --batch "${BATCH:-256}" --lr 1.5e-3 --tf-budget "${TF_BUDGET:-190}" \
     --pack "$OUT" 2>&1 | tee -a "$OUT/train.log"
 ls -la "$OUT"

@@ -32,10 +32,12 @@ from .data import SceneDataset, render_batch, step_rng
 
 _log = logging.getLogger(__name__)
 
-# 64x64 pixels, f8 -> 8x8 = 64 tokens; thin full-resolution layers (8, 16, 32 channels at 64, 32,
-# 16 px), most capacity (96 channels, attention in the middle block) at the 8x8 token grid.
-SHAPES_VQGAN = VQGANConfig(ch=8, ch_mult=(1, 2, 4, 12), num_res_blocks=1, attn_resolutions=(),
-                           z_channels=64, embed_dim=32, n_embed=1024, resolution=64, norm_groups=8)
+# 64x64 pixels, f8 -> 8x8 = 64 tokens; 16, 32, 64, 128 channels at 64, 32, 16, 8 px (attention in
+# the middle block). GroupNorm keeps 4+ channels per group: with one channel per group (an earlier
+# try, 8 channels in 8 groups at full resolution) every channel is normalised per image, which
+# throws away absolute colour, and reconstructions came back in two hues (orange, blue).
+SHAPES_VQGAN = VQGANConfig(ch=16, ch_mult=(1, 2, 4, 8), num_res_blocks=1, attn_resolutions=(),
+                           z_channels=64, embed_dim=32, n_embed=1024, resolution=64, norm_groups=4)
 
 
 @dataclass(frozen=True)
