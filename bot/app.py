@@ -9,6 +9,7 @@ from pathlib import Path
 
 from bot.config import Settings
 from bot.generation import Generator
+from bot.metrics import Metrics
 from bot.platforms.admission import Check
 from bot.platforms.base import Platform
 from bot.platforms.local import LocalPlatform
@@ -27,6 +28,8 @@ class App:
     platforms: dict[str, Platform] = field(default_factory=dict)
     # The [safety] prompt filter every intake uses (None: switched off).
     prompt_filter: PromptFilter | None = None
+    # This process's Prometheus metrics (latencies, images, failures, refusals).
+    metrics: Metrics = field(default_factory=Metrics)
 
     @property
     def local(self) -> LocalPlatform:
@@ -70,6 +73,7 @@ def open_app(settings: Settings, *, auto_upgrade: bool | None = None, check_sche
     if check_schema:
         dbmod.ensure_schema(db, auto_upgrade=db.is_sqlite if auto_upgrade is None else auto_upgrade)
     queue = Queue(db, QueuePolicy.from_config(settings.queue))
+    metrics = Metrics()
     platforms: dict[str, Platform] = {}
     prompt_filter = build_prompt_filter(settings.safety)
     if settings.local.enabled:
@@ -78,19 +82,21 @@ def open_app(settings: Settings, *, auto_upgrade: bool | None = None, check_sche
         from bot.platforms.x import XPlatform
 
         platforms["x"] = XPlatform(settings.x, queue, max_prompt_chars=settings.queue.max_prompt_chars,
-                                   checks=_intake_checks(settings, queue, prompt_filter))
+                                   checks=_intake_checks(settings, queue, prompt_filter, metrics))
     if settings.discord.enabled:
         from bot.platforms.discord import DiscordPlatform
 
         platforms["discord"] = DiscordPlatform(settings.discord, queue, max_prompt_chars=settings.queue.max_prompt_chars,
                                                default_images=settings.queue.default_images,
-                                               checks=_intake_checks(settings, queue, prompt_filter))
+                                               checks=_intake_checks(settings, queue, prompt_filter, metrics))
     if "discord" in platforms:
         platforms["discord"].platforms = platforms  # type: ignore[attr-defined]  # /dalle-mod reject refuses anywhere
-    return App(settings=settings, db=db, queue=queue, platforms=platforms, prompt_filter=prompt_filter)
+    return App(settings=settings, db=db, queue=queue, platforms=platforms, prompt_filter=prompt_filter,
+               metrics=metrics)
 
 
-def _intake_checks(settings: Settings, queue: Queue, prompt_filter: PromptFilter | None) -> list[Check]:
+def _intake_checks(settings: Settings, queue: Queue, prompt_filter: PromptFilter | None,
+                   metrics: Metrics) -> list[Check]:
     """What the X and Discord intakes check before storing a request: the [safety] prompt filter,
     then the [limits] rate limits (each returns the refusal for the user, or None)."""
     from bot.ratelimit import RateLimiter
@@ -99,6 +105,13 @@ def _intake_checks(settings: Settings, queue: Queue, prompt_filter: PromptFilter
 
     checks: list[Check] = []
     if prompt_filter is not None:
-        checks.append(lambda event: check_prompt(prompt_filter, event.prompt_raw))
-    checks.append(RateLimiter(LimitCounts(queue.db), settings.limits, clock=queue.clock).check)
+        def filtered(event):  # type: ignore[no-untyped-def]
+            refusal = check_prompt(prompt_filter, event.prompt_raw)
+            if refusal is not None:
+                metrics.refusals.labels(reason="prompt_filter").inc()
+            return refusal
+
+        checks.append(filtered)
+    checks.append(RateLimiter(LimitCounts(queue.db), settings.limits, clock=queue.clock,
+                              on_limited=lambda hit: metrics.refusals.labels(reason=hit.kind).inc()).check)
     return checks

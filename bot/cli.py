@@ -230,8 +230,10 @@ for _name, _help in (
 @pass_ctx
 def queue_ban(c: Ctx, user: str, reason: str | None, actor: str) -> None:
     """Ban USER (platform:id, or an id on the local platform): their requests are refused."""
+    from bot import moderation
+
     with c.app() as app:
-        u = app.queue.set_ban(user, True, actor=f"moderator:{actor}", reason=reason)
+        u = moderation.ban(app.queue, user, actor=f"moderator:{actor}", reason=reason)
     click.echo(f"user {u.ref} is banned")
 
 
@@ -242,8 +244,10 @@ def queue_ban(c: Ctx, user: str, reason: str | None, actor: str) -> None:
 @pass_ctx
 def queue_unban(c: Ctx, user: str, reason: str | None, actor: str) -> None:
     """Lift a ban."""
+    from bot import moderation
+
     with c.app() as app:
-        u = app.queue.set_ban(user, False, actor=f"moderator:{actor}", reason=reason)
+        u = moderation.unban(app.queue, user, actor=f"moderator:{actor}", reason=reason)
     click.echo(f"user {u.ref} is no longer banned")
 
 
@@ -263,7 +267,8 @@ def worker(c: Ctx, drain: bool, batch_size: int | None, max_wait: float) -> None
     with c.app() as app:
         w = Worker(app.queue, app.generator, app.platforms, app.settings.images_dir,
                    batch_size=batch_size or app.settings.queue.batch_size,
-                   classifier=app.classifier, nsfw_threshold=app.settings.safety.nsfw_threshold)
+                   classifier=app.classifier, nsfw_threshold=app.settings.safety.nsfw_threshold,
+                   metrics=app.metrics)
         if drain:
             stats = w.drain(max_wait=max_wait, progress=lambda s: click.echo(
                 f"generated {s.generated}  posted {s.posted}  failed {s.failed}", err=True))

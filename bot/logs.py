@@ -6,12 +6,34 @@ replaces configured secrets with ``***`` in every message, so they never reach a
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import logging
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 _SECRETS: list[str] = []
+_CONTEXT: contextvars.ContextVar[dict[str, object]] = contextvars.ContextVar("dallebot_log_context", default={})
+
+
+@contextlib.contextmanager
+def log_context(**fields: object) -> Iterator[None]:
+    """Every log line inside the block (any logger, this thread or task) carries ``fields``,
+    e.g. ``with log_context(request_id=42): ...``."""
+    token = _CONTEXT.set({**_CONTEXT.get(), **fields})
+    try:
+        yield
+    finally:
+        _CONTEXT.reset(token)
+
+
+class _Context(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        for key, value in _CONTEXT.get().items():
+            if not hasattr(record, key):
+                setattr(record, key, value)
+        return True
 
 
 class _Scrub(logging.Filter):
@@ -57,6 +79,7 @@ def setup_logging(level: str | None = None, fmt: str = "text", secrets: Iterable
     handler = logging.StreamHandler(sys.stderr)
     handler._dallebot = True  # type: ignore[attr-defined]
     handler.setFormatter(_Json() if fmt == "json" else _Text("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_Context())
     handler.addFilter(_Scrub())
     root.addHandler(handler)
     root.setLevel(level or "WARNING")

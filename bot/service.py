@@ -35,7 +35,8 @@ class Service:
         self.worker = (
             Worker(app.queue, app.generator, app.platforms, app.settings.images_dir,
                    batch_size=app.settings.queue.batch_size,
-                   classifier=app.classifier, nsfw_threshold=app.settings.safety.nsfw_threshold)
+                   classifier=app.classifier, nsfw_threshold=app.settings.safety.nsfw_threshold,
+                   metrics=app.metrics)
             if "worker" in self.roles
             else None
         )

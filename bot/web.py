@@ -72,7 +72,8 @@ def create_web_app(app: App, *, clock: Callable[[], dt.datetime] = utcnow, **das
         refusals_g.set(act["refusals"])
         for name in SWITCHES:
             paused_g.labels(switch=name).set(1 if switches[name] else 0)
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        body = generate_latest(registry) + generate_latest(app.metrics.registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     routes = [Route("/healthz", healthz), Route("/metrics", metrics), *dashboard.routes()]
     web = Starlette(routes=routes, middleware=[Middleware(SecurityHeaders)])

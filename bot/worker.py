@@ -18,13 +18,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image
+
 from bot.generation import GenerationJob, Generator
+from bot.logs import log_context
+from bot.metrics import Metrics
 from bot.platforms.base import DeliveryError, Platform
 from bot.safety import ImageClassifier, nsfw_hold_reason
 from storage.errors import LeaseLost
 from storage.moderators import generation_paused
 from storage.queue import Queue
-from storage.records import Claim
+from storage.records import Claim, RequestRecord
 
 _log = logging.getLogger(__name__)
 
@@ -84,6 +88,7 @@ class Worker:
         sleep: Callable[[float], None] = time.sleep,
         classifier: ImageClassifier | None = None,
         nsfw_threshold: float = 0.8,
+        metrics: Metrics | None = None,
     ) -> None:
         self.queue = queue
         self.generator = generator
@@ -97,6 +102,7 @@ class Worker:
         # for a moderator (never posted automatically), as is one whose images cannot be scored.
         self.classifier = classifier
         self.nsfw_threshold = nsfw_threshold
+        self.metrics = metrics or Metrics()
         self.stats = DrainStats()
 
     # ---- generation -----------------------------------------------------------------------
@@ -107,19 +113,23 @@ class Worker:
             return 0
         if self.generator is None:
             return 0
-        claim = self.queue.claim(self.owner, self.batch_size)
+        with self.metrics.claim_seconds.time():
+            claim = self.queue.claim(self.owner, self.batch_size)
         if not claim.requests:
             return 0
         self.stats.batches += 1
+        self.metrics.batches.inc()
         jobs = [
             GenerationJob(r.prompt, r.n_images, r.seed if r.seed is not None else self.rng.randrange(2**31))
             for r in claim.requests
         ]
         try:
-            with LeaseKeeper(self.queue, claim, max(1.0, self.queue.policy.lease_seconds / 3)):
+            with LeaseKeeper(self.queue, claim, max(1.0, self.queue.policy.lease_seconds / 3)), \
+                    self.metrics.generate_seconds.time():
                 images = self.generator.generate(jobs)
         except Exception as exc:  # the model failed for the whole batch: every request retries
             _log.exception("generation failed for batch %s", claim.ids)
+            self.metrics.failures.labels(reason="generation_error").inc(len(claim))
             for r in claim.requests:
                 try:
                     self.queue.fail(claim, r.id, f"generation failed: {exc}")
@@ -128,61 +138,82 @@ class Worker:
                     self.stats.lost += 1
             return len(claim)
         for r, job, imgs in zip(claim.requests, jobs, images, strict=True):
-            if isinstance(imgs, Exception):  # this request can never be generated
-                try:
-                    self.queue.fail(claim, r.id, str(imgs), permanent=True)
-                    self.stats.failed += 1
-                except LeaseLost:
-                    self.stats.lost += 1
-                continue
-            folder = self.images_dir / str(r.id)
-            folder.mkdir(parents=True, exist_ok=True)
-            paths = []
-            for k, img in enumerate(imgs):
-                p = folder / f"{k}.png"
-                img.save(p, format="PNG")
-                paths.append(str(p))
-            scores: list[float] = []
-            hold_reason = None
-            if self.classifier is not None:
-                try:
-                    scores = self.classifier.scores(imgs)
-                    hold_reason = nsfw_hold_reason(scores, self.nsfw_threshold)
-                except Exception as exc:  # unchecked images are never posted automatically
-                    _log.exception("NSFW check failed", extra={"request_id": r.id})
-                    hold_reason = f"NSFW check failed: {exc}"[:500]
-            try:
-                self.queue.complete(claim, r.id, paths, scores, hold_reason=hold_reason, seed=job.seed)
-                self.stats.generated += 1
-                _log.info("generated %d image(s)", len(paths), extra={"request_id": r.id, "action": "generated"})
-            except LeaseLost as exc:
-                self.stats.lost += 1
-                _log.warning("%s", exc, extra={"request_id": r.id})
+            with log_context(request_id=r.id):
+                self._record(claim, r, job, imgs)
         return len(claim)
+
+    def _record(self, claim: Claim, r: RequestRecord, job: GenerationJob, imgs: list[Image.Image] | Exception) -> None:
+        """Save, check and record one request's images (or its permanent failure)."""
+        if isinstance(imgs, Exception):  # this request can never be generated
+            self.metrics.failures.labels(reason="prompt_unreadable").inc()
+            try:
+                self.queue.fail(claim, r.id, str(imgs), permanent=True)
+                self.stats.failed += 1
+            except LeaseLost:
+                self.stats.lost += 1
+            return
+        folder = self.images_dir / str(r.id)
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for k, img in enumerate(imgs):
+            p = folder / f"{k}.png"
+            img.save(p, format="PNG")
+            paths.append(str(p))
+        scores: list[float] = []
+        hold_reason = None
+        if self.classifier is not None:
+            try:
+                scores = self.classifier.scores(imgs)
+                hold_reason = nsfw_hold_reason(scores, self.nsfw_threshold)
+            except Exception as exc:  # unchecked images are never posted automatically
+                _log.exception("NSFW check failed", extra={"request_id": r.id})
+                hold_reason = f"NSFW check failed: {exc}"[:500]
+        try:
+            self.queue.complete(claim, r.id, paths, scores, hold_reason=hold_reason, seed=job.seed)
+            self.stats.generated += 1
+            self.metrics.images.inc(len(paths))
+            if hold_reason:
+                self.metrics.held.inc()
+            _log.info("generated %d image(s)", len(paths), extra={"request_id": r.id, "action": "generated"})
+        except LeaseLost as exc:
+            self.stats.lost += 1
+            _log.warning("%s", exc, extra={"request_id": r.id})
 
     # ---- delivery -------------------------------------------------------------------------
 
     def deliver_batch(self) -> int:
         claim = self.queue.claim_deliveries(self.owner, self.batch_size, platforms=list(self.platforms))
         for r in claim.requests:
-            platform = self.platforms[r.platform]
-            try:
+            with log_context(request_id=r.id):
+                self._deliver_one(claim, r)
+        return len(claim)
+
+    def _deliver_one(self, claim: Claim, r: RequestRecord) -> None:
+        """Post one request's result (or, after a crash mid-post, find the reply already there)."""
+        platform = self.platforms[r.platform]
+        try:
+            with self.metrics.post_seconds.labels(platform=r.platform).time():
                 found = platform.find_delivery(r) if r.id in claim.recovering else None
                 delivery = found or platform.deliver(r, [Path(p) for p in r.image_paths])
-                self.queue.mark_posted(claim, r.id, delivery.reply_id, delivery.reply_url)
-                self.stats.posted += 1
-                _log.info("posted reply %s%s", delivery.reply_id, " (found after a crash)" if found else "",
-                          extra={"request_id": r.id, "action": "posted"})
-            except DeliveryError as exc:
-                self.stats.delivery_failures += 1
-                try:
-                    self.queue.delivery_failed(claim, r.id, str(exc), permanent=exc.permanent,
-                                               retry_after=exc.retry_after)
-                except LeaseLost:
-                    self.stats.lost += 1
+            posted = self.queue.mark_posted(claim, r.id, delivery.reply_id, delivery.reply_url)
+            self.stats.posted += 1
+            self.metrics.posted.labels(platform=r.platform).inc()
+            if posted.finished_at is not None:
+                self.metrics.request_seconds.labels(platform=r.platform).observe(
+                    max(0.0, (posted.finished_at - posted.created_at).total_seconds()))
+            _log.info("posted reply %s%s", delivery.reply_id, " (found after a crash)" if found else "",
+                      extra={"request_id": r.id, "action": "posted"})
+        except DeliveryError as exc:
+            self.stats.delivery_failures += 1
+            self.metrics.failures.labels(
+                reason="delivery_permanent" if exc.permanent else "delivery_transient").inc()
+            try:
+                self.queue.delivery_failed(claim, r.id, str(exc), permanent=exc.permanent,
+                                           retry_after=exc.retry_after)
             except LeaseLost:
                 self.stats.lost += 1
-        return len(claim)
+        except LeaseLost:
+            self.stats.lost += 1
 
     # ---- drain ----------------------------------------------------------------------------
 
@@ -198,8 +229,14 @@ class Worker:
             if n or m:
                 continue
             pending = self.queue.pending_work()
-            if pending["queued_now"] or pending["deliverable"] or pending["expired_leases"]:
+            if pending["deliverable"] or pending["expired_leases"]:
                 continue
+            if pending["queued_now"]:
+                if self.generator is not None and not generation_paused(self.queue):
+                    continue
+                why = "generation is paused by a moderator" if self.generator is not None else "no model"
+                _log.warning("%d request(s) wait in the queue, but %s; stopping", pending["queued_now"], why)
+                break
             next_run = pending["next_run_at"]
             if next_run is None:
                 break

@@ -46,6 +46,12 @@ def test_drain_generates_and_delivers_to_the_outbox(queue: Queue, bundle: Path, 
     assert reply["images"] == ["0.png", "1.png"] and reply["prompt"] == "a red circle"
     first = (tmp_path / "outbox" / str(a.id) / "0.png").read_bytes()
     assert first.startswith(b"\x89PNG")
+    # the process metrics saw it all
+    m = worker.metrics.registry
+    assert m.get_sample_value("dallebot_images_generated_total") == 3
+    assert m.get_sample_value("dallebot_replies_posted_total", {"platform": "local"}) == 2
+    assert m.get_sample_value("dallebot_failures_total", {"reason": "prompt_unreadable"}) == 1
+    assert m.get_sample_value("dallebot_generate_seconds_count") == 1
     # same prompt and seed through the queue again: byte-identical image
     again = local.submit(queue, "a red circle", user="u1", n_images=2, seed=5).request
     worker.drain(max_wait=1)
@@ -75,3 +81,28 @@ def test_missing_bundle_is_one_line(tmp_path: Path) -> None:
     assert p.returncode == 1 and "Traceback" not in p.stderr
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith("dallebot: error: no model bundle at") and "[model] bundle" in last
+
+
+def test_every_log_line_about_a_request_carries_its_id(queue: Queue, bundle: Path, tmp_path: Path, caplog) -> None:
+    import logging
+
+    from bot.logs import _Context
+
+    local = LocalPlatform(tmp_path / "outbox")
+    rid = local.submit(queue, "a red circle", user="u1", n_images=1, seed=1).request.id
+    caplog.handler.addFilter(_Context())
+    with caplog.at_level(logging.INFO):
+        Worker(queue, PipelineGenerator(Pipeline.load(bundle)), {"local": local}, tmp_path / "images").drain(max_wait=1)
+    about = [r for r in caplog.records if r.name == "bot.worker"]
+    assert about and all(getattr(r, "request_id", None) == rid for r in about)
+
+
+def test_drain_stops_when_generation_is_paused(queue: Queue, bundle: Path, tmp_path: Path) -> None:
+    from storage.moderators import Switches
+
+    local = LocalPlatform(tmp_path / "outbox")
+    local.submit(queue, "a red circle", user="u1", n_images=1)
+    Switches(queue).set("generation_paused", True, actor="moderator:m")
+    stats = Worker(queue, PipelineGenerator(Pipeline.load(bundle)), {"local": local}, tmp_path / "images").drain(
+        max_wait=1)
+    assert stats.generated == 0 and queue.stats()["queued"] == 1
