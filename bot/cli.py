@@ -268,7 +268,7 @@ def worker(c: Ctx, drain: bool, batch_size: int | None, max_wait: float) -> None
         w = Worker(app.queue, app.generator, app.platforms, app.settings.images_dir,
                    batch_size=batch_size or app.settings.queue.batch_size,
                    classifier=app.classifier, nsfw_threshold=app.settings.safety.nsfw_threshold,
-                   metrics=app.metrics)
+                   metrics=app.metrics, delivery_retry_seconds=app.settings.queue.delivery_retry_seconds)
         if drain:
             stats = w.drain(max_wait=max_wait, progress=lambda s: click.echo(
                 f"generated {s.generated}  posted {s.posted}  failed {s.failed}", err=True))

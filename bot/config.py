@@ -70,6 +70,9 @@ class QueueConfig:
     max_images: int = 9
     # Longest prompt accepted, in characters (longer prompts are refused politely).
     max_prompt_chars: int = 280
+    # Within one delivery attempt, transient platform errors (5xx, timeouts) are retried with
+    # exponential backoff and jitter for at most this many seconds, then the queue retries later.
+    delivery_retry_seconds: float = 120.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,6 +331,7 @@ def _validate(s: Settings) -> None:
         (1 <= s.queue.default_images <= s.queue.max_images, "queue.default_images", "must be between 1 and queue.max_images"),
         (s.queue.max_images in range(1, 17), "queue.max_images", "must be between 1 and 16"),
         (s.queue.max_prompt_chars >= 1, "queue.max_prompt_chars", "must be >= 1"),
+        (s.queue.delivery_retry_seconds >= 0, "queue.delivery_retry_seconds", "must be >= 0"),
         (s.model.provider in ("auto", "cpu", "cuda"), "model.provider", "must be one of auto, cpu, cuda"),
         (s.model.threads >= 0, "model.threads", "must be >= 0"),
         (0 < s.server.port < 65536, "server.port", "must be a TCP port (1-65535)"),

@@ -36,7 +36,7 @@ class Service:
             Worker(app.queue, app.generator, app.platforms, app.settings.images_dir,
                    batch_size=app.settings.queue.batch_size,
                    classifier=app.classifier, nsfw_threshold=app.settings.safety.nsfw_threshold,
-                   metrics=app.metrics)
+                   metrics=app.metrics, delivery_retry_seconds=app.settings.queue.delivery_retry_seconds)
             if "worker" in self.roles
             else None
         )

@@ -18,12 +18,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import tenacity
 from PIL import Image
 
 from bot.generation import GenerationJob, Generator
 from bot.logs import log_context
 from bot.metrics import Metrics
-from bot.platforms.base import DeliveryError, Platform
+from bot.platforms.base import Delivery, DeliveryError, Platform
 from bot.safety import ImageClassifier, nsfw_hold_reason
 from storage.errors import LeaseLost
 from storage.moderators import generation_paused
@@ -89,6 +90,7 @@ class Worker:
         classifier: ImageClassifier | None = None,
         nsfw_threshold: float = 0.8,
         metrics: Metrics | None = None,
+        delivery_retry_seconds: float = 120.0,
     ) -> None:
         self.queue = queue
         self.generator = generator
@@ -103,6 +105,8 @@ class Worker:
         self.classifier = classifier
         self.nsfw_threshold = nsfw_threshold
         self.metrics = metrics or Metrics()
+        self.delivery_retry_seconds = delivery_retry_seconds
+        self._delivery_claim: Claim | None = None
         self.stats = DrainStats()
 
     # ---- generation -----------------------------------------------------------------------
@@ -183,6 +187,7 @@ class Worker:
 
     def deliver_batch(self) -> int:
         claim = self.queue.claim_deliveries(self.owner, self.batch_size, platforms=list(self.platforms))
+        self._delivery_claim = claim
         for r in claim.requests:
             with log_context(request_id=r.id):
                 self._deliver_one(claim, r)
@@ -194,7 +199,7 @@ class Worker:
         try:
             with self.metrics.post_seconds.labels(platform=r.platform).time():
                 found = platform.find_delivery(r) if r.id in claim.recovering else None
-                delivery = found or platform.deliver(r, [Path(p) for p in r.image_paths])
+                delivery = found or self._post(platform, r)
             posted = self.queue.mark_posted(claim, r.id, delivery.reply_id, delivery.reply_url)
             self.stats.posted += 1
             self.metrics.posted.labels(platform=r.platform).inc()
@@ -214,6 +219,37 @@ class Worker:
                 self.stats.lost += 1
         except LeaseLost:
             self.stats.lost += 1
+
+    def _post(self, platform: Platform, r: RequestRecord) -> Delivery:
+        """``platform.deliver`` with in-attempt retries (tenacity) for transient errors: exponential
+        backoff with jitter, never shorter than the platform's Retry-After / rate-limit reset, for at
+        most ``delivery_retry_seconds``. A permanent error, or a wait longer than what is left of
+        that budget, goes back to the queue (which honours ``retry_after`` across restarts)."""
+        budget = self.delivery_retry_seconds
+        backoff = tenacity.wait_exponential_jitter(multiplier=0.5, max=30, jitter=0.5)
+
+        def transient(exc: BaseException) -> bool:
+            return isinstance(exc, DeliveryError) and not exc.permanent
+
+        def wait(state: tenacity.RetryCallState) -> float:
+            exc = state.outcome.exception() if state.outcome else None
+            return max(backoff(state), getattr(exc, "retry_after", None) or 0.0)
+
+        def stop(state: tenacity.RetryCallState) -> bool:  # the waits so far plus the next one
+            return state.idle_for + wait(state) > budget
+
+        def log_retry(state: tenacity.RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            self.metrics.failures.labels(reason="delivery_retry").inc()
+            _log.warning("delivery failed (%s); retrying in %.1fs", exc, state.upcoming_sleep)
+
+        paths = [Path(p) for p in r.image_paths]
+        with LeaseKeeper(self.queue, self._delivery_claim, max(1.0, self.queue.policy.lease_seconds / 3)):
+            for attempt in tenacity.Retrying(retry=tenacity.retry_if_exception(transient), wait=wait, stop=stop,
+                                             sleep=self.sleep, before_sleep=log_retry, reraise=True):
+                with attempt:
+                    return platform.deliver(r, paths)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     # ---- drain ----------------------------------------------------------------------------
 

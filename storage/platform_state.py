@@ -148,6 +148,17 @@ class DailyCounter:
                     return True
         return False
 
+    def give_back(self) -> None:
+        """Undo one :meth:`take` of today (the use it counted did not happen)."""
+        for _ in range(_CAS_TRIES):
+            now = self.clock()
+            day = now.date().isoformat()
+            with self.db.write.begin() as conn:
+                current = conn.execute(select(C.c.value).where(C.c.name == self.name)).scalar_one_or_none()
+                n = self._count(current, day)
+                if current is None or n == 0 or _cas(conn, self.name, current, f"{day}:{n - 1}", now):
+                    return
+
     def seconds_to_reset(self) -> float:
         """Seconds until the next UTC midnight, when the budget starts again."""
         now = self.clock()

@@ -495,14 +495,19 @@ class Queue:
         if permanent:
             return self._fenced(conn, claim, cur.id, expected, S.FAILED, dict(clear, finished_at=now),
                                 action="failed", reason=error)
+        back = S.QUEUED if expected == S.RUNNING else S.GENERATED
+        if retry_after is not None:
+            # The platform said when to come back (rate limit, spent budget): waiting is not a
+            # failure, so the attempt is given back and no number of such waits makes it dead.
+            return self._fenced(conn, claim, cur.id, expected, back,
+                                dict(clear, attempts=max(0, cur.attempts - 1),
+                                     run_at=now + dt.timedelta(seconds=retry_after)),
+                                action="retry", reason=f"{error} (come back in {retry_after:.0f}s)")
         if cur.attempts >= cur.max_attempts:
             return self._fenced(conn, claim, cur.id, expected, S.DEAD, dict(clear, finished_at=now),
                                 action="dead", reason=f"out of attempts ({cur.attempts}): {error}")
         delay = backoff_seconds(cur.attempts, self.policy.retry_base_seconds, self.policy.retry_max_seconds,
                                 self.rng.random())
-        if retry_after is not None:
-            delay = max(delay, retry_after)
-        back = S.QUEUED if expected == S.RUNNING else S.GENERATED
         return self._fenced(conn, claim, cur.id, expected, back,
                             dict(clear, run_at=now + dt.timedelta(seconds=delay)),
                             action="retry", reason=f"{error} (retry in {delay:.0f}s)")

@@ -337,9 +337,9 @@ class XPlatform:
             raise DeliveryError("no images to post", permanent=True)
         if not self.posts.take(self.cfg.daily_post_budget):
             raise DeliveryError("the daily X posting budget is spent", retry_after=self.posts.seconds_to_reset())
-        payloads = self._images(images)
         reply_to = str(request.options.get("reply_to") or request.external_id)
         try:
+            payloads = self._images(images)
             media_ids = [self._call("upload", upload_image_for_client, self.client, data).id for data in payloads]
             resp = self._call("post", self.client.create_tweet, text=texts.x_result(request.id, len(images[:4]),
                                                                                     request.seed),
@@ -348,7 +348,11 @@ class XPlatform:
             found = self.find_delivery(request)
             if found is not None:
                 return found
+            self.posts.give_back()
             raise DeliveryError(f"X refused the reply as duplicate content: {exc}", permanent=True) from exc
+        except BaseException:
+            self.posts.give_back()  # nothing was posted: a failed try does not spend the budget
+            raise
         return self._delivery(str(resp.data["id"]))
 
     def deliver_refusal(self, request: RequestRecord, message: str) -> Delivery:

@@ -158,6 +158,13 @@ def test_transient_delivery_failure_honours_retry_after(queue: Queue, clock) -> 
     rec = queue.delivery_failed(d, rid, "429 Too Many Requests", retry_after=900)
     assert rec.status == Status.GENERATED and (rec.run_at - clock.now).total_seconds() >= 900
     assert queue.claim_deliveries("w", 1).ids == []
+    # waiting out rate limits never uses up attempts: ten in a row and the request is still alive
+    for _ in range(10):
+        clock.advance(901)
+        d = queue.claim_deliveries("w", 1)
+        assert d.ids == [rid]
+        rec = queue.delivery_failed(d, rid, "429 Too Many Requests", retry_after=900)
+    assert rec.status == Status.GENERATED and rec.attempts == 1  # the generation attempt only
 
 
 def test_moderation_transitions(queue: Queue) -> None:
