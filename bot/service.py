@@ -18,9 +18,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from bot.app import App
+from storage.errors import DatabaseUnavailable
 
 _log = logging.getLogger(__name__)
 
@@ -41,23 +43,41 @@ class Service:
             else None
         )
         self.stopping = asyncio.Event()
+        self.db_down = False
+
+    async def _guarded(self, job: str, fn: Callable[[], Any]) -> Any:
+        """Run a blocking step in a worker thread; a database outage is logged once (not a crash,
+        not a traceback a second) and the step is simply tried again on the job's next run."""
+        try:
+            result = await asyncio.to_thread(fn)
+        except DatabaseUnavailable as exc:
+            if not self.db_down:
+                _log.warning("%s: database unavailable (%s); will keep trying", job, exc)
+            self.db_down = True
+            return None
+        if self.db_down:
+            _log.warning("database is back")
+            self.db_down = False
+        return result
 
     async def _generate(self) -> None:
         assert self.worker is not None
-        while not self.stopping.is_set() and await asyncio.to_thread(self.worker.generate_batch):
+        worker = self.worker
+        await self._guarded("generate", worker.resume_stranded)
+        while not self.stopping.is_set() and await self._guarded("generate", worker.generate_batch):
             pass
 
     async def _deliver(self) -> None:
         assert self.worker is not None
-        while not self.stopping.is_set() and await asyncio.to_thread(self.worker.deliver_batch):
+        while not self.stopping.is_set() and await self._guarded("deliver", self.worker.deliver_batch):
             pass
 
     async def _reclaim(self) -> None:
-        n = await asyncio.to_thread(self.app.queue.reclaim_expired)
+        n = await self._guarded("reclaim", self.app.queue.reclaim_expired)
         if n:
             _log.info("reclaimed %d expired lease(s)", n)
 
-    async def run(self) -> None:
+    async def run(self, *, handle_signals: bool = True) -> None:
         from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
         scheduler = AsyncIOScheduler()
@@ -83,8 +103,9 @@ class Service:
                                       id=f"poll-{platform.name}", **opts)
         scheduler.start()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stopping.set)
+        if handle_signals:  # SIGTERM/SIGINT: stop taking work, finish what is in flight
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stopping.set)
         server_task = None
         server = None
         if "web" in self.roles:

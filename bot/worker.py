@@ -8,6 +8,7 @@ worker loses it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -26,10 +27,11 @@ from bot.logs import log_context
 from bot.metrics import Metrics
 from bot.platforms.base import Delivery, DeliveryError, Platform
 from bot.safety import ImageClassifier, nsfw_hold_reason
-from storage.errors import LeaseLost
+from storage.errors import DatabaseUnavailable, LeaseLost
 from storage.moderators import generation_paused
 from storage.queue import Queue
 from storage.records import Claim, RequestRecord
+from storage.states import Status
 
 _log = logging.getLogger(__name__)
 
@@ -91,6 +93,7 @@ class Worker:
         nsfw_threshold: float = 0.8,
         metrics: Metrics | None = None,
         delivery_retry_seconds: float = 120.0,
+        db_outage_seconds: float = 300.0,
     ) -> None:
         self.queue = queue
         self.generator = generator
@@ -106,7 +109,9 @@ class Worker:
         self.nsfw_threshold = nsfw_threshold
         self.metrics = metrics or Metrics()
         self.delivery_retry_seconds = delivery_retry_seconds
+        self.db_outage_seconds = db_outage_seconds
         self._delivery_claim: Claim | None = None
+        self._stranded: list[tuple[str, Claim]] = []  # claims in flight when the database went away
         self.stats = DrainStats()
 
     # ---- generation -----------------------------------------------------------------------
@@ -121,6 +126,13 @@ class Worker:
             claim = self.queue.claim(self.owner, self.batch_size)
         if not claim.requests:
             return 0
+        try:
+            return self._generate_claimed(claim)
+        except DatabaseUnavailable:
+            self._stranded.append(("generate", claim))  # handed back once the database answers again
+            raise
+
+    def _generate_claimed(self, claim: Claim) -> int:
         self.stats.batches += 1
         self.metrics.batches.inc()
         jobs = [
@@ -188,10 +200,34 @@ class Worker:
     def deliver_batch(self) -> int:
         claim = self.queue.claim_deliveries(self.owner, self.batch_size, platforms=list(self.platforms))
         self._delivery_claim = claim
-        for r in claim.requests:
-            with log_context(request_id=r.id):
-                self._deliver_one(claim, r)
+        try:
+            for r in claim.requests:
+                with log_context(request_id=r.id):
+                    self._deliver_one(claim, r)
+        except DatabaseUnavailable:
+            self._stranded.append(("deliver", claim))
+            raise
         return len(claim)
+
+    def resume_stranded(self) -> None:
+        """After a database outage, settle the claims that were in flight when it went away: a
+        generation batch goes back to the queue (no attempt spent); a delivery is finished under
+        its still-valid lease, checking the platform first, since a reply may already be out."""
+        while self._stranded:
+            kind, claim = self._stranded[0]
+            if kind == "generate":
+                n = self.queue.release(claim, "database outage: handed back for another try")
+                _log.warning("handed %d request(s) back to the queue after a database outage", n)
+                self._stranded.pop(0)
+                continue
+            again = dataclasses.replace(claim, recovering=frozenset(claim.ids))
+            self._delivery_claim = again
+            for r in claim.requests:
+                cur = self.queue.get(r.id)
+                if cur.status == Status.POSTING and cur.lease_token == claim.token:
+                    with log_context(request_id=r.id):
+                        self._deliver_one(again, cur)
+            self._stranded.pop(0)
 
     def _deliver_one(self, claim: Claim, r: RequestRecord) -> None:
         """Post one request's result (or, after a crash mid-post, find the reply already there)."""
@@ -256,15 +292,31 @@ class Worker:
     def drain(self, *, max_wait: float = 30.0, progress: Callable[[DrainStats], None] | None = None) -> DrainStats:
         """Work until nothing is left that this worker can do, waiting for retries that come due."""
         t0 = time.monotonic()
+        outage: float | None = None  # when the database stopped answering
         while True:
-            self.queue.reclaim_expired()
-            n = self.generate_batch()
-            m = self.deliver_batch()
+            try:
+                self.resume_stranded()
+                self.queue.reclaim_expired()
+                n = self.generate_batch()
+                m = self.deliver_batch()
+                pending = None if (n or m) else self.queue.pending_work()
+            except DatabaseUnavailable as exc:
+                # Ride out a database restart: back off and try again, up to db_outage_seconds.
+                now = time.monotonic()
+                outage = outage or now
+                if now - outage > self.db_outage_seconds:
+                    raise
+                _log.warning("database unavailable (%s); retrying", exc)
+                self.sleep(min(10.0, 0.5 * 2 ** min(5, int(now - outage))))
+                continue
+            if outage is not None:
+                _log.warning("database is back after %.1fs", time.monotonic() - outage)
+                outage = None
             if progress and (n or m):
                 progress(self.stats)
             if n or m:
                 continue
-            pending = self.queue.pending_work()
+            assert pending is not None
             if pending["deliverable"] or pending["expired_leases"]:
                 continue
             if pending["queued_now"]:

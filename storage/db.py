@@ -110,18 +110,39 @@ def connect(url: str, *, busy_timeout: float = 10.0, pool_size: int = 5, check: 
             )
     except NoSuchModuleError as exc:
         raise StorageError(f"database {safe_url(url)}: no driver for it ({exc})") from None
+    for engine in {db.write, db.read}:
+        _map_outages(engine, url)
     if check:
         try:
             with db.read.connect() as conn:
                 conn.exec_driver_sql("SELECT 1")
-        except OperationalError as exc:
+        except (OperationalError, DatabaseUnavailable) as exc:
             db.dispose()
-            first = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc).splitlines()[0]
+            if isinstance(exc, DatabaseUnavailable):
+                first = str(exc).split(": ", 1)[-1]
+            else:
+                first = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc).splitlines()[0]
             raise DatabaseUnavailable(
                 f"cannot reach the database {safe_url(url)}: {first}. "
                 "Is the server running, and is [database] url / DALLEBOT_DATABASE_URL right?"
             ) from None
     return db
+
+
+def _map_outages(engine: Engine, url: str) -> None:
+    """Lost or refused connections surface as :class:`DatabaseUnavailable` from every query, whoever
+    runs it (SQLAlchemy still invalidates the dead pooled connections first)."""
+
+    @event.listens_for(engine, "handle_error")
+    def _on_error(ctx):  # type: ignore[no-untyped-def]
+        if not isinstance(ctx.original_exception, Exception) or isinstance(ctx.original_exception, StorageError):
+            return None
+        connecting = ctx.connection is None
+        if ctx.is_disconnect or (connecting and isinstance(ctx.sqlalchemy_exception, OperationalError)):
+            first = str(ctx.original_exception).strip().splitlines()
+            return DatabaseUnavailable(
+                f"lost the database {safe_url(url)}: {first[0] if first else type(ctx.original_exception).__name__}")
+        return None
 
 
 # ---- schema ---------------------------------------------------------------------------------
