@@ -6,6 +6,7 @@ Public API::
     from inference.images import make_grid, upscale, png_bytes
 
     pipe = Pipeline.load("bundles/dalle-mini", threads=0, provider="auto")   # verifies the bundle
+    # Pipeline.load(bundle_dir, *, threads=0, provider="auto"|"cpu"|"cuda", verify=True, spin=False)
     images = pipe.generate(["a red circle", "a blue star"], n_images=4, seeds=[1, 2],
                            condition_scale=10.0, top_k=50, top_p=1.0, temperature=1.0)
     # -> [[4 PIL images for prompt 0], [4 for prompt 1]], all 8 images in one decoder batch
@@ -16,7 +17,10 @@ seed and image index always give the same image, whatever else is in the batch) 
 seeds, see ``Pipeline.last_seeds``). Unset sampling settings come from the bundle's manifest.
 ``Pipeline.prepare(prompts)`` normalises and tokenises without generating, so a caller can reject
 empty prompts or warn about truncated ones first; both ``generate`` and ``prepare`` raise
-``PromptError`` for a prompt that is empty after normalisation.
+``PromptError`` for a prompt that is empty after normalisation. ``generate_codes`` returns codes
+instead of images (``decode`` turns codes into images); ``start`` returns a ``Generation`` whose
+decoder steps run one per iteration (progress, cancellation, interleaving). A Pipeline is not
+thread-safe: use it from one thread (the bot's worker thread).
 
 How a request runs: the encoder graph sees the unconditional row once plus one row per prompt and
 returns every layer's cross-attention keys/values; rows are then laid out as 2B decoder rows
@@ -33,7 +37,7 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -76,6 +80,19 @@ def _preload_cuda_libraries() -> None:
             _log.debug("onnxruntime.preload_dlls: %s", e)
 
 
+def _session_options(threads: int, spin: bool, prepack: bool) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    if not prepack:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
+    return opts
+
+
 def _providers(provider: str) -> list[str]:
     have = ort.get_available_providers()
     if provider not in ("auto", "cpu", "cuda"):
@@ -102,39 +119,34 @@ class Pipeline:
         self.device = device                     # "cpu" or "cuda": where the decoder's caches live
         self.last_seeds: list[int] = []
         dec = sessions["decoder"]
-        self._kv_dtype = np.float16 if dec.get_inputs()[3].type == "tensor(float16)" else np.float32
+        past = next(i for i in dec.get_inputs() if i.name == "past_key_0")
+        self._kv_dtype = np.float16 if past.type == "tensor(float16)" else np.float32
         self._present = any(o.name.startswith("present_") for o in dec.get_outputs())
 
     # ----------------------------------------------------------------------------------------------
     @classmethod
-    def load(cls, bundle_dir: str | Path, *, threads: int = 0, provider: str = "auto", verify: bool = True
-             ) -> "Pipeline":
+    def load(cls, bundle_dir: str | Path, *, threads: int = 0, provider: str = "auto", verify: bool = True,
+             spin: bool = False) -> "Pipeline":
         """Open and verify a bundle and create the three sessions.
 
         threads: intra-op threads per session (0 = onnxruntime's default, all cores).
         provider: "auto" (CUDA when onnxruntime-gpu sees a GPU, else CPU), "cpu" or "cuda".
         verify: re-hash every file against the manifest (set False only for trusted, large bundles).
+        spin: let onnxruntime's idle worker threads busy-wait for work. Off by default: on a machine
+        shared with the bot (or anything else) spinning threads steal the cores they wait for;
+        measured on the 2-core dev box, DALL·E Mini decoder steps ran ~1.6x faster without it.
         """
         bundle = Bundle.open(bundle_dir, verify=verify)
         providers = _providers(provider)
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
-        # The encoder runs once per request: skip weight pre-packing there (saves a copy of its
-        # weights, ~700 MB for DALL·E Mini, for +30% on a step that takes ~1% of the time).
-        enc_opts = ort.SessionOptions()
-        enc_opts.graph_optimization_level = opts.graph_optimization_level
-        enc_opts.log_severity_level = 3
-        enc_opts.intra_op_num_threads, enc_opts.inter_op_num_threads = opts.intra_op_num_threads, opts.inter_op_num_threads
-        enc_opts.add_session_config_entry("session.disable_prepacking", "1")
+        sessions = {}
+        for part in GRAPHS:
+            # The encoder runs once per request: skip weight pre-packing there (saves a copy of its
+            # weights, ~700 MB for DALL·E Mini, for +30% on a step that takes ~1% of the time).
+            opts = _session_options(threads, spin, prepack=part != "encoder")
         sessions = {}
         for part in GRAPHS:
             try:
-                sessions[part] = ort.InferenceSession(str(bundle.graph(part)), enc_opts if part == "encoder" else opts,
-                                                      providers=providers)
+                sessions[part] = ort.InferenceSession(str(bundle.graph(part)), opts, providers=providers)
             except Exception as e:  # onnxruntime raises its own exception types for unreadable graphs
                 raise BundleError(f"onnxruntime cannot load {bundle.graph(part)} ({str(e).splitlines()[0][:200]}); "
                                   "re-export the bundle") from None
@@ -194,11 +206,24 @@ class Pipeline:
                        seeds: int | Sequence[int] | None = None, *, condition_scale: float | None = None,
                        top_k: int | None = None, top_p: float | None = None, temperature: float | None = None,
                        progress: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
-        """Like ``generate`` but returns the image codes: one (n_images, N) int64 array per prompt."""
+        """Like ``generate`` but returns the image codes: one (n_images, N) int64 array per prompt.
+        ``progress(step, steps)`` is called after each decoder step; an exception it raises stops
+        the run (a way to cancel)."""
         if isinstance(prompts, str):
             raise PromptError("prompts must be a list of strings, not one string")
         if not prompts:
             return []
+        return self.start(prompts, n_images, seeds, condition_scale=condition_scale, top_k=top_k, top_p=top_p,
+                          temperature=temperature).run(progress)
+
+    def start(self, prompts: Sequence[str], n_images: int | Sequence[int] = 1,
+              seeds: int | Sequence[int] | None = None, *, condition_scale: float | None = None,
+              top_k: int | None = None, top_p: float | None = None, temperature: float | None = None
+              ) -> "Generation":
+        """Check the prompts, run the encoder and return a ``Generation`` whose decoder steps run as
+        it is iterated (``generate_codes`` runs it to the end)."""
+        if isinstance(prompts, str) or not prompts:
+            raise PromptError("prompts must be a non-empty list of strings")
         counts = [n_images] * len(prompts) if isinstance(n_images, int) else list(n_images)
         if len(counts) != len(prompts) or any(n < 1 for n in counts):
             raise InferenceError("n_images must be >= 1, one count per prompt")
@@ -226,13 +251,13 @@ class Pipeline:
         rows = np.array([0] * b + [1 + p for p, n in enumerate(counts) for _ in range(n)])
         cross_kv = np.ascontiguousarray(cross_small[:, :, rows])        # (L, 2, R, H, T, Dh)
         text_mask = np.ascontiguousarray(mask[rows])                    # (R, T)
-        run = self._decode_present if self._present else self._decode_inplace
-        codes = run(cross_kv, text_mask, uniforms, params, progress)   # (B, N)
-        return np.split(codes, np.cumsum(counts)[:-1])
+        codes = np.zeros((b, n_steps), dtype=np.int64)                  # (B, N), filled step by step
+        loop = self._decode_present if self._present else self._decode_inplace
+        return Generation(codes, counts, loop(cross_kv, text_mask, uniforms, params, codes))
 
     # ----------------------------------------------------------------------------------------------
     def _decode_inplace(self, cross_kv: np.ndarray, text_mask: np.ndarray, uniforms: np.ndarray,
-                        params: SamplingParams, progress: Callable[[int, int], None] | None) -> np.ndarray:
+                        params: SamplingParams, codes: np.ndarray) -> Iterator[int]:
         """Decoder loop for graphs that return only this step's K/V: the cache is one numpy array
         whose per-layer slices are bound as inputs once; step t copies new_kv into column t."""
         cfg, sess = self.config, self.sessions["decoder"]
@@ -251,29 +276,28 @@ class Pipeline:
             _bind(io.bind_input, name, arr)
         for name, arr in zip(DECODER_OUTPUTS, (logits, new_kv)):
             _bind(io.bind_output, name, arr)
-        codes = np.empty((b, n_steps), dtype=np.int64)
         for t in range(n_steps):
             position[0] = t
             sess.run_with_iobinding(io)
             cache[:, :, :, :, t] = new_kv
             codes[:, t] = sample(guide(logits, cfg.num_codes, params.condition_scale), uniforms[:, t], params)
             token[:b] = token[b:] = codes[:, t]
-            if progress:
-                progress(t + 1, n_steps)
-        return codes
+            yield t + 1
 
     def _decode_present(self, cross_kv: np.ndarray, text_mask: np.ndarray, uniforms: np.ndarray,
-                        params: SamplingParams, progress: Callable[[int, int], None] | None) -> np.ndarray:
+                        params: SamplingParams, codes: np.ndarray) -> Iterator[int]:
         """Decoder loop for graphs that return the updated caches (``present_*``): two sets of cache
         buffers on the session's device, swapped each step; two IO bindings prepared once."""
         cfg, sess = self.config, self.sessions["decoder"]
         layers, _, r, h, _, dh = cross_kv.shape
         b, n_steps = r // 2, cfg.image_length
         dev = self.device
-        zeros = np.zeros((r, h, n_steps, dh), dtype=self._kv_dtype)
-        bufs = [[ort.OrtValue.ortvalue_from_numpy(zeros, dev, 0) for _ in range(2 * layers)] for _ in range(2)]
-        cross = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(cross_kv[i, j], dtype=self._kv_dtype), dev, 0)
-                 for i in range(layers) for j in range(2)]
+        # On CPU an OrtValue wraps the numpy array's memory: every buffer needs its own array, kept alive.
+        host = [np.zeros((r, h, n_steps, dh), dtype=self._kv_dtype) for _ in range(4 * layers)]
+        host += [np.ascontiguousarray(cross_kv[i, j], dtype=self._kv_dtype) for i in range(layers) for j in range(2)]
+        vals = [ort.OrtValue.ortvalue_from_numpy(a, dev, 0) for a in host]
+        bufs = [vals[:2 * layers], vals[2 * layers:4 * layers]]
+        cross = vals[4 * layers:]
         token = np.full(r, cfg.decoder_start_token_id, dtype=np.int64)
         position = np.zeros(1, dtype=np.int64)
         logits = np.empty((r, cfg.decoder_vocab_size), dtype=np.float32)
@@ -290,7 +314,6 @@ class Pipeline:
             for name, val in zip(present, bufs[dst]):
                 io.bind_ortvalue_output(name, val)
             bindings.append(io)
-        codes = np.empty((b, n_steps), dtype=np.int64)
         for t in range(n_steps):
             position[0] = t
             io = bindings[t % 2]
@@ -299,9 +322,7 @@ class Pipeline:
             io.synchronize_outputs()
             codes[:, t] = sample(guide(logits, cfg.num_codes, params.condition_scale), uniforms[:, t], params)
             token[:b] = token[b:] = codes[:, t]
-            if progress:
-                progress(t + 1, n_steps)
-        return codes
+            yield t + 1
 
     # ----------------------------------------------------------------------------------------------
     def decode_pixels(self, codes: np.ndarray, batch: int | None = None) -> np.ndarray:
@@ -321,6 +342,23 @@ class Pipeline:
 
     def decode(self, codes: np.ndarray) -> list[Image.Image]:
         return to_pil(self.decode_pixels(codes))
+
+
+@dataclass
+class Generation:
+    """A started request: iterate ``steps`` to run decoder steps one by one (each yields the number
+    done so far), or call ``run``. ``codes`` (B, N) holds the sampled codes; ``counts`` images per prompt."""
+
+    codes: np.ndarray
+    counts: list[int]
+    steps: Iterator[int]
+
+    def run(self, progress: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
+        n = self.codes.shape[1]
+        for t in self.steps:
+            if progress:
+                progress(t, n)
+        return np.split(self.codes, np.cumsum(self.counts)[:-1])
 
 
 def _bind(method: Callable[..., None], name: str, arr: np.ndarray) -> None:
