@@ -25,6 +25,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -178,8 +179,9 @@ def small_model_grid(threads: int, tmp: Path) -> dict[str, Any]:
     parts = build_parts(cfg, vq)
     params = sum(p.numel() for m in (parts.encoder, parts.decoder, parts.vqgan) for p in m.parameters())
     out = tmp / "small"
-    export_bundle(parts, placeholder_tokenizer(tmp / "small-tok"), out, name="small-bench", random_weights=True,
-                  overwrite=True, progress=False)
+    with tempfile.TemporaryDirectory() as tok:
+        export_bundle(parts, placeholder_tokenizer(tok), out, name="small-bench", random_weights=True,
+                      overwrite=True, progress=False)
     pipe = Pipeline.load(out, threads=threads)
     pipe.generate(["a red circle"], 4, [0])
     times = [_timed(lambda s: make_grid(pipe.generate(["a red circle"], 4, [s])[0]), seed) for seed in range(5)]

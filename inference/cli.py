@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -49,12 +50,13 @@ def export_cmd(source: Path | None, out: Path, vqgan: Path | None, dtype: str, c
 
         click.echo(f"building DALL·E {random_weights.capitalize()} with random weights (benchmarks only)...", err=True)
         parts = ex.build_parts(MINI if random_weights == "mini" else MEGA, VQGAN_F16_16384)
-        tok_dir = ex.placeholder_tokenizer(out.parent / f".{out.name}-tokenizer")
-        bundle = ex.export_bundle(parts, tok_dir, out, name=name or f"random-{random_weights}", dtype=dt, cache=cache,
-                                  random_weights=True, overwrite=overwrite, license="none (random weights)",
-                                  description="RANDOM WEIGHTS: architecture benchmark only, makes noise",
-                                  provenance={"source": f"random weights, DALL·E {random_weights} architecture",
-                                              "tokenizer": "placeholder byte-level BPE, not the real vocabulary"})
+        with tempfile.TemporaryDirectory() as tmp:
+            bundle = ex.export_bundle(parts, ex.placeholder_tokenizer(tmp), out, name=name or f"random-{random_weights}",
+                                      dtype=dt, cache=cache, random_weights=True, overwrite=overwrite,
+                                      license="none (random weights)",
+                                      description="RANDOM WEIGHTS: architecture benchmark only, makes noise",
+                                      provenance={"source": f"random weights, DALL·E {random_weights} architecture",
+                                                  "tokenizer": "placeholder byte-level BPE, not the real vocabulary"})
     else:
         if not source:
             raise click.UsageError("--from DIR is required (or --random-weights mini|mega)")
@@ -124,7 +126,7 @@ def generate_cmd(prompt: str | None, prompts_file: Path | None, out_dir: Path | 
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
     steps = pipe.config.image_length
-    with tqdm(total=len(prompts) * steps, unit="step", desc="generating", file=sys.stderr) as bar:
+    with tqdm(total=len(prompts) * steps, unit="step", desc="generating", file=sys.stderr, mininterval=0.5) as bar:
         for start in range(0, len(prompts), batch):
             chunk = prompts[start:start + batch]
             done = bar.n
