@@ -142,7 +142,11 @@ def render_card(train_dir: Path, eval_json: dict[str, Any], bundle_dir: Path, sh
                                       ("vq-steps", training["vq_steps"]), ("vq-batch", recipe["vq"]["batch"]),
                                       ("vq-lr", recipe["vq"]["lr"]), ("steps", training["transformer_steps"]),
                                       ("batch", recipe["transformer"]["batch"]),
-                                      ("lr", recipe["transformer"]["lr"]))),
+                                      ("lr", recipe["transformer"]["lr"]),
+                                      *((("vq-ch", recipe["vqgan"]["ch"]),
+                                         ("vq-ch-mult", ",".join(map(str, recipe["vqgan"]["ch_mult"]))),
+                                         ("vq-norm-groups", recipe["vqgan"]["norm_groups"]))
+                                        if "vqgan" in recipe else ()))),
         "dallebot eval shapes --model DIR/bundle --n 300 --seed 0 --diversity 100 --speed --json DIR/eval.json",
         "```",
         "",

@@ -25,6 +25,7 @@ from .common import pick_device
 from .data import SceneDataset, build_dataset, load_dataset, save_dataset
 from .text import load_tokenizer
 from .transformer import TransformerTrainConfig, make_token_data, shapes_model_config, train_transformer
+from ..config import VQGANConfig
 from .vq import SHAPES_VQGAN, ShapesVQ, VQTrainConfig, encode_images, train_vq
 
 _log = logging.getLogger(__name__)
@@ -40,6 +41,11 @@ class Recipe:
     scenes: int = 60000
     vq: VQTrainConfig = field(default_factory=VQTrainConfig)
     transformer: TransformerTrainConfig = field(default_factory=TransformerTrainConfig)
+    vqgan: dict[str, Any] = field(default_factory=SHAPES_VQGAN.to_dict)   # VQGANConfig fields
+
+    @property
+    def vqgan_config(self) -> VQGANConfig:
+        return VQGANConfig.from_dict(self.vqgan)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -50,7 +56,7 @@ def _dataset(work: Path, recipe: Recipe, cache: bool) -> SceneDataset:
     if path.is_file():
         return load_dataset(path)
     t0 = time.perf_counter()
-    ds = build_dataset(recipe.scenes, SHAPES_VQGAN.resolution, recipe.seed)
+    ds = build_dataset(recipe.scenes, recipe.vqgan_config.resolution, recipe.seed)
     _log.info("rendered %d scenes in %.0f s", len(ds), time.perf_counter() - t0)
     if cache:
         save_dataset(ds, path)
@@ -90,7 +96,8 @@ def train_models(out: Path, recipe: Recipe = Recipe(), *, device: str = "auto", 
     t0 = time.perf_counter()
     ds = _dataset(work, recipe, cache_data)
     t_data = time.perf_counter() - t0
-    vq = train_vq(out / "vq", ds, recipe.vq, device=dev, progress=progress, budget_s=vq_budget_s)
+    vq = train_vq(out / "vq", ds, recipe.vq, recipe.vqgan_config, device=dev, progress=progress,
+                  budget_s=vq_budget_s)
     codes = _codes(work, vq, out / "vq", ds, dev)
     tok = load_tokenizer(TOKENIZER_DIR, shapes_model_config().text_length)
     data = make_token_data(tok, ds.prompts, codes)
@@ -252,7 +259,13 @@ def _recipe_from_args(a: argparse.Namespace) -> Recipe:
                                                         ("lr", a.vq_lr)) if v is not None})
     tf = replace(r.transformer, seed=a.seed, **{k: v for k, v in (("steps", a.steps), ("batch", a.batch),
                                                                  ("lr", a.lr)) if v is not None})
-    return replace(r, vq=vq, transformer=tf)
+    vqgan = dict(r.vqgan)
+    for key in ("ch", "norm_groups"):
+        if getattr(a, f"vq_{key}", None) is not None:
+            vqgan[key] = getattr(a, f"vq_{key}")
+    if getattr(a, "vq_ch_mult", None):
+        vqgan["ch_mult"] = [int(x) for x in a.vq_ch_mult.split(",")]
+    return replace(r, vq=vq, transformer=tf, vqgan=vqgan)
 
 
 def add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -261,6 +274,9 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vq-steps", type=int)
     p.add_argument("--vq-batch", type=int)
     p.add_argument("--vq-lr", type=float)
+    p.add_argument("--vq-ch", type=int, help="VQGAN base channels")
+    p.add_argument("--vq-ch-mult", help="VQGAN channel multipliers, e.g. 1,2,4,6")
+    p.add_argument("--vq-norm-groups", type=int, help="VQGAN GroupNorm groups")
     p.add_argument("--steps", type=int, help="transformer steps")
     p.add_argument("--batch", type=int, help="transformer batch")
     p.add_argument("--lr", type=float, help="transformer peak learning rate")
