@@ -19,15 +19,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 from .config import ModelConfig, VQGANConfig
 from .errors import BundleError
-
-_log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT = "dallebot-bundle"

@@ -296,6 +296,8 @@ class Pipeline:
         host = [np.zeros((r, h, n_steps, dh), dtype=self._kv_dtype) for _ in range(4 * layers)]
         host += [np.ascontiguousarray(cross_kv[i, j], dtype=self._kv_dtype) for i in range(layers) for j in range(2)]
         vals = [ort.OrtValue.ortvalue_from_numpy(a, dev, 0) for a in host]
+        if dev != "cpu":
+            del host                                  # copied to the device
         bufs = [vals[:2 * layers], vals[2 * layers:4 * layers]]
         cross = vals[4 * layers:]
         token = np.full(r, cfg.decoder_start_token_id, dtype=np.int64)
