@@ -107,7 +107,7 @@ def train_models(out: Path, recipe: Recipe = Recipe(), *, device: str = "auto", 
     vq_final = torch.load(out / "vq" / "final.pt", map_location="cpu", weights_only=False)
     tf_final = torch.load(out / "transformer" / "final.pt", map_location="cpu", weights_only=False)
     summary = {
-        "recipe": recipe.to_dict(), "device": str(dev),
+        "recipe": {**recipe.to_dict(), "vqgan": vq_final["vqgan_config"]}, "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "torch_threads": torch.get_num_threads(),
         "data_seconds": t_data, "scenes": len(ds),
@@ -292,6 +292,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-cache", action="store_true", help="do not save the rendered scenes")
     p.add_argument("--vq-budget", type=float, help="seconds for the VQ stage (fewer steps if slower)")
     p.add_argument("--tf-budget", type=float, help="seconds for the transformer stage")
+    p.add_argument("--stage", choices=["all", "data", "vq"], default="all",
+                   help="data: only render and cache the scenes in WORK; vq: stop after the VQ")
     p.add_argument("--pack", type=Path, help="afterwards, flatten the results into this folder (see pack())")
     p.add_argument("--unpack", type=Path, help="only restore a packed folder into OUT, then exit")
     add_recipe_args(p)
@@ -302,7 +304,16 @@ def main(argv: list[str] | None = None) -> None:
         return
     if a.threads:
         torch.set_num_threads(a.threads)
-    summary = train_models(a.out, _recipe_from_args(a), device=a.device, work=a.work, cache_data=not a.no_cache,
+    recipe = _recipe_from_args(a)
+    if a.stage != "all":
+        work = a.work or a.out
+        ds = _dataset(work, recipe, cache=True)
+        if a.stage == "vq":
+            dev = pick_device(a.device)
+            torch.backends.cudnn.benchmark = dev.type == "cuda"
+            train_vq(a.out / "vq", ds, recipe.vq, recipe.vqgan_config, device=dev, budget_s=a.vq_budget)
+        return
+    summary = train_models(a.out, recipe, device=a.device, work=a.work, cache_data=not a.no_cache,
                            vq_budget_s=a.vq_budget, tf_budget_s=a.tf_budget, progress=True)
     print(json.dumps(summary, indent=2))
     if a.pack:
