@@ -26,17 +26,17 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 WORK="$(mktemp -d /tmp/shapes-work.XXXXXX)"
 LOG="$OUT/train.log"
-COMMON=(--work "$WORK" --device "${DEVICE:-cuda}" --seed 0 --scenes "${SCENES:-250000}"
+COMMON=(--work "$WORK" --device "${DEVICE:-cuda}" --seed 0 --scenes "${SCENES:-200000}"
         --vq-steps "${VQ_STEPS:-6000}" --vq-batch "${VQ_BATCH:-128}" --vq-lr 2e-3)
 "$PY" -c 'import torch, numpy; print("torch", torch.__version__, "numpy", numpy.__version__, "cuda",
 torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-")' 2>&1 | tee "$LOG"
 echo "== render scenes $(date +%T)" | tee -a "$LOG"
 "$PY" -m inference.training.pipeline --out "$WORK/data" --stage data "${COMMON[@]}" 2>&1 | tee -a "$LOG"
 echo "== two VQ variants in parallel $(date +%T)" | tee -a "$LOG"
-"$PY" -m inference.training.pipeline --out "$WORK/va" --stage vq "${COMMON[@]}" --vq-budget "${VQ_BUDGET:-130}" \
+"$PY" -m inference.training.pipeline --out "$WORK/va" --stage vq "${COMMON[@]}" --vq-budget "${VQ_BUDGET:-125}" \
     --vq-ch 8 --vq-ch-mult 2,2,4,12 --vq-norm-groups 8 > "$WORK/va.log" 2>&1 &
 PA=$!
-"$PY" -m inference.training.pipeline --out "$WORK/vb" --stage vq "${COMMON[@]}" --vq-budget "${VQ_BUDGET:-130}" \
+"$PY" -m inference.training.pipeline --out "$WORK/vb" --stage vq "${COMMON[@]}" --vq-budget "${VQ_BUDGET:-125}" \
     --vq-ch 8 --vq-ch-mult 1,2,4,12 --vq-norm-groups 8 > "$WORK/vb.log" 2>&1 &
 PB=$!
 wait $PA || echo "variant a failed" | tee -a "$LOG"
@@ -63,7 +63,7 @@ shutil.copytree(work / best[0] / "vq", work / "out" / "vq")
 PYEOF
 echo "== transformer $(date +%T)" | tee -a "$LOG"
 "$PY" -m inference.training.pipeline --out "$WORK/out" "${COMMON[@]}" --no-cache \
-    --steps "${STEPS:-12000}" --batch "${BATCH:-256}" --lr 1.5e-3 --tf-budget "${TF_BUDGET:-190}" \
+    --steps "${STEPS:-12000}" --batch "${BATCH:-256}" --lr 1.5e-3 --tf-budget "${TF_BUDGET:-185}" \
     --pack "$OUT" 2>&1 | tee -a "$LOG"
 echo "== done $(date +%T)" | tee -a "$LOG"
 ls -la "$OUT"
