@@ -17,6 +17,7 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
+import queue as queue_mod
 import tempfile
 import time
 import uuid
@@ -55,7 +56,16 @@ def _run_parallel(target: Callable[..., None], workers: int, args: tuple[Any, ..
         p.start()
     barrier.wait()
     t0 = time.perf_counter()
-    counts = [out.get(timeout=600) for _ in procs]
+    counts: list[int] = []
+    while len(counts) < workers:
+        try:
+            counts.append(out.get(timeout=1.0))
+        except queue_mod.Empty:
+            dead = [p for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                raise click.ClickException(f"a benchmark process failed (exit {dead[0].exitcode})") from None
+            if time.perf_counter() - t0 > 900:
+                raise click.ClickException("the benchmark made no progress for 15 minutes") from None
     elapsed = time.perf_counter() - t0
     for p in procs:
         p.join(timeout=60)

@@ -380,8 +380,12 @@ class Queue:
             if self.db.is_sqlite:
                 stmt = update(R).where(R.c.id.in_(pick.scalar_subquery())).values(**values)
             else:
-                c = pick.with_for_update(skip_locked=True).cte("pick").prefix_with("MATERIALIZED")
-                stmt = update(R).where(R.c.id == c.c.id).values(**values)
+                # id = ANY(ARRAY(...)): the picked ids become one array (an init plan), so the UPDATE
+                # reaches them through the primary key instead of joining against the whole table.
+                locked = pick.with_for_update(skip_locked=True).subquery("pick")
+                stmt = update(R).where(
+                    R.c.id == func.any(func.array(select(locked.c.id).scalar_subquery()))
+                ).values(**values)
             rows = self._update_audited(
                 conn, stmt, actor=f"worker:{owner}", action="claimed", from_status=S.QUEUED.value,
                 to_status=S.RUNNING.value,
