@@ -27,7 +27,7 @@ export PYTHONUNBUFFERED=1
 WORK="$(mktemp -d /tmp/shapes-work.XXXXXX)"
 LOG="$OUT/train.log"
 COMMON=(--work "$WORK" --device "${DEVICE:-cuda}" --seed 0 --scenes "${SCENES:-200000}"
-        --vq-steps "${VQ_STEPS:-6000}" --vq-batch "${VQ_BATCH:-128}" --vq-lr 2e-3)
+        --vq-steps "${VQ_STEPS:-6000}" --vq-batch "${VQ_BATCH:-128}" --vq-lr 2e-3 --vq-ae-warmup "${VQ_WARMUP:-300}")
 "$PY" -c 'import torch, numpy; print("torch", torch.__version__, "numpy", numpy.__version__, "cuda",
 torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-")' 2>&1 | tee "$LOG"
 echo "== render scenes $(date +%T)" | tee -a "$LOG"

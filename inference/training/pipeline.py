@@ -256,7 +256,9 @@ def unpack(packed: Path, out: Path) -> None:
 def _recipe_from_args(a: argparse.Namespace) -> Recipe:
     r = Recipe(seed=a.seed, scenes=a.scenes)
     vq = replace(r.vq, seed=a.seed, **{k: v for k, v in (("steps", a.vq_steps), ("batch", a.vq_batch),
-                                                        ("lr", a.vq_lr)) if v is not None})
+                                                        ("lr", a.vq_lr),
+                                                        ("ae_warmup", getattr(a, "vq_ae_warmup", None)))
+                                       if v is not None})
     tf = replace(r.transformer, seed=a.seed, **{k: v for k, v in (("steps", a.steps), ("batch", a.batch),
                                                                  ("lr", a.lr)) if v is not None})
     vqgan = dict(r.vqgan)
@@ -274,6 +276,7 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vq-steps", type=int)
     p.add_argument("--vq-batch", type=int)
     p.add_argument("--vq-lr", type=float)
+    p.add_argument("--vq-ae-warmup", type=int, help="VQ steps as a plain autoencoder before quantising")
     p.add_argument("--vq-ch", type=int, help="VQGAN base channels")
     p.add_argument("--vq-ch-mult", help="VQGAN channel multipliers, e.g. 1,2,4,6")
     p.add_argument("--vq-norm-groups", type=int, help="VQGAN GroupNorm groups")

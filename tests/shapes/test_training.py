@@ -22,7 +22,7 @@ from inference.training.vq import EMAQuantizer, VQTrainConfig, encode_images, lo
 TINY_VQ = VQGANConfig(ch=8, ch_mult=(1, 2, 4, 4), num_res_blocks=0, attn_resolutions=(), z_channels=16,
                       embed_dim=8, n_embed=32, resolution=32, norm_groups=4)
 TINY_VQ_TRAIN = VQTrainConfig(steps=4, batch=4, eval_every=1000, eval_scenes=4, checkpoint_every=2,
-                              reseed_every=2)
+                              reseed_every=2, ae_warmup=2)
 
 
 @pytest.fixture(scope="module")
