@@ -35,6 +35,8 @@ def _group(root: click.Group, name: str, help: str) -> click.Group:
 @click.option("--vq-steps", type=int, default=None, help="VQ training steps (default 6000).")
 @click.option("--vq-batch", type=int, default=None)
 @click.option("--vq-lr", type=float, default=None)
+@click.option("--vq-ae-warmup", type=int, default=None,
+              help="VQ steps as a plain autoencoder before the codebook is initialised (default 200).")
 @click.option("--vq-ch", type=int, default=None, help="VQGAN base channels.")
 @click.option("--vq-ch-mult", default=None, help="VQGAN channel multipliers, e.g. 1,2,4,8.")
 @click.option("--vq-norm-groups", type=int, default=None, help="VQGAN GroupNorm groups.")
@@ -46,7 +48,7 @@ def _group(root: click.Group, name: str, help: str) -> click.Group:
 @click.option("--tune/--no-tune", default=True, show_default=True,
               help="Choose the manifest's sampling defaults by measurement after export.")
 def train_shapes_cmd(out: Path, device: str, threads: int, seed: int, scenes: int | None, vq_steps: int | None,
-                     vq_batch: int | None, vq_lr: float | None, vq_ch: int | None, vq_ch_mult: str | None,
+                     vq_batch: int | None, vq_lr: float | None, vq_ae_warmup: int | None, vq_ch: int | None, vq_ch_mult: str | None,
                      vq_norm_groups: int | None, steps: int | None, batch: int | None,
                      lr: float | None, dtype: str, tune: bool) -> None:
     """Train the shapes-world model end to end (VQGAN, transformer), export and tune the bundle.
@@ -66,7 +68,7 @@ def train_shapes_cmd(out: Path, device: str, threads: int, seed: int, scenes: in
         torch.set_num_threads(threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     ns = argparse.Namespace(seed=seed, scenes=scenes or Recipe.scenes, vq_steps=vq_steps, vq_batch=vq_batch,
-                            vq_lr=vq_lr, vq_ch=vq_ch, vq_ch_mult=vq_ch_mult, vq_norm_groups=vq_norm_groups,
+                            vq_lr=vq_lr, vq_ae_warmup=vq_ae_warmup, vq_ch=vq_ch, vq_ch_mult=vq_ch_mult, vq_norm_groups=vq_norm_groups,
                             steps=steps, batch=batch, lr=lr)
     result = train_shapes(out, _recipe_from_args(ns), device=device, tune=tune, dtype=dtype)
     click.echo(json.dumps({"bundle": result["bundle"], "sampling": result.get("sampling", {}).get("chosen"),

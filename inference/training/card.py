@@ -140,7 +140,9 @@ def render_card(train_dir: Path, eval_json: dict[str, Any], bundle_dir: Path, sh
         "dallebot train shapes --out DIR " + " ".join(
             f"--{k} {v}" for k, v in (("seed", recipe["seed"]), ("scenes", recipe["scenes"]),
                                       ("vq-steps", training["vq_steps"]), ("vq-batch", recipe["vq"]["batch"]),
-                                      ("vq-lr", recipe["vq"]["lr"]), ("steps", training["transformer_steps"]),
+                                      ("vq-lr", recipe["vq"]["lr"]),
+                                      ("vq-ae-warmup", recipe["vq"].get("ae_warmup", 0)),
+                                      ("steps", training["transformer_steps"]),
                                       ("batch", recipe["transformer"]["batch"]),
                                       ("lr", recipe["transformer"]["lr"]),
                                       *((("vq-ch", recipe["vqgan"]["ch"]),
