@@ -86,7 +86,7 @@ def _read_prompts(path: Path) -> list[str]:
 @click.option("--out-dir", type=click.Path(path_type=Path), help="Output folder for --prompts-file.")
 @click.option("--n", "n_images", type=click.IntRange(1, 64), default=1, show_default=True, help="Images per prompt (tiled as a grid).")
 @click.option("--seed", type=int, help="Seed: same seed, same image (default: random, printed).")
-@click.option("--model", "model", type=click.Path(path_type=Path), envvar="DALLEBOT_MODEL", help="Bundle folder [env DALLEBOT_MODEL].")
+@click.option("--model", "model", type=click.Path(path_type=Path), envvar="DALLEBOT_MODEL", help="Bundle folder [env DALLEBOT_MODEL; default: the shipped shapes model].")
 @click.option("--out", "out", type=click.Path(path_type=Path), default=Path("out.png"), show_default=True)
 @click.option("--batch", type=click.IntRange(1, 256), default=8, show_default=True, help="Prompts per decoder run (--prompts-file).")
 @click.option("--upscale", type=click.IntRange(0, 4096), default=0, help="Scale the output's longer side to this many px.")
@@ -111,8 +111,12 @@ def generate_cmd(prompt: str | None, prompts_file: Path | None, out_dir: Path | 
         raise click.UsageError("give a PROMPT or --prompts-file FILE (not both)")
     if prompts_file and not out_dir:
         raise click.UsageError("--prompts-file needs --out-dir DIR")
-    if model is None:
-        raise click.UsageError("no model: pass --model BUNDLE or set DALLEBOT_MODEL")
+    if model is None:  # the shipped shapes-world model, as for the bot when the config names none
+        from .shipped import SHAPES_BUNDLE
+
+        if not (SHAPES_BUNDLE / "manifest.json").exists():
+            raise click.UsageError("no model: pass --model BUNDLE or set DALLEBOT_MODEL")
+        model = SHAPES_BUNDLE
     prompts = [prompt] if prompt is not None else _read_prompts(prompts_file)
     if not prompts:
         raise InferenceError(f"{prompts_file} holds no prompts")
