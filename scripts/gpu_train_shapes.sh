@@ -42,7 +42,7 @@ echo "== two VQ variants in parallel $(date +%T)" | tee -a "$LOG"
     --vq-ch 8 --vq-ch-mult 2,2,4,12 --vq-norm-groups 8 > "$WORK/va.log" 2>&1 &
 PA=$!
 "$PY" -m inference.training.pipeline --out "$WORK/vb" --stage vq "${COMMON[@]}" --vq-budget "${VQ_BUDGET:-190}" \
-    --vq-ch 8 --vq-ch-mult 1,2,4,12 --vq-norm-groups 8 > "$WORK/vb.log" 2>&1 &
+    --vq-ch 8 --vq-ch-mult 1,2,4,12 --vq-norm-groups 8 --vq-ae-warmup 0 > "$WORK/vb.log" 2>&1 &
 PB=$!
 wait $PA || echo "variant a failed" | tee -a "$LOG"
 wait $PB || echo "variant b failed" | tee -a "$LOG"

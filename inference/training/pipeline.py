@@ -107,7 +107,8 @@ def train_models(out: Path, recipe: Recipe = Recipe(), *, device: str = "auto", 
     vq_final = torch.load(out / "vq" / "final.pt", map_location="cpu", weights_only=False)
     tf_final = torch.load(out / "transformer" / "final.pt", map_location="cpu", weights_only=False)
     summary = {
-        "recipe": {**recipe.to_dict(), "vqgan": vq_final["vqgan_config"]}, "device": str(dev),
+        "recipe": {**recipe.to_dict(), "vqgan": vq_final["vqgan_config"],
+                   "vq": vq_final.get("config") or recipe.to_dict()["vq"]}, "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "torch_threads": torch.get_num_threads(),
         "data_seconds": t_data, "scenes": len(ds),

@@ -305,11 +305,12 @@ def train_vq(work_dir: Path, data: SceneDataset, cfg: VQTrainConfig = VQTrainCon
         if last:
             break
     bar.close()
-    save_final_vq(work_dir, vq, history)
+    save_final_vq(work_dir, vq, history, cfg)
     return vq.eval()
 
 
-def save_final_vq(work_dir: Path, vq: ShapesVQ, history: list[dict[str, Any]]) -> None:
+def save_final_vq(work_dir: Path, vq: ShapesVQ, history: list[dict[str, Any]],
+                  cfg: VQTrainConfig | None = None) -> None:
     """Weights only (what export needs), the VQ's reconstruction score, the training record."""
     evals = [h for h in history if "recon_fully_correct" in h]
     save_checkpoint(work_dir / "final.pt", {
@@ -317,6 +318,7 @@ def save_final_vq(work_dir: Path, vq: ShapesVQ, history: list[dict[str, Any]]) -
         "vqgan_config": vq.cfg.to_dict(), "steps": history[-1]["step"] if history else 0,
         "train_seconds": history[-1]["secs"] if history else 0.0,
         "recon": evals[-1] if evals else None,
+        "config": asdict(cfg) if cfg is not None else None,
     })
 
 
