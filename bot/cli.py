@@ -307,6 +307,9 @@ def _attach_plugins() -> None:
     from inference import cli as inference_cli
 
     bench.add_command(bench_queue, "queue")
+    from bot.bench_load import bench_load
+
+    bench.add_command(bench_load, "load")
     cli.add_command(moderator)
     bench.add_command(bench_dashboard, "dashboard")
     inference_cli.register(cli, bench)
