@@ -223,32 +223,25 @@ for _name, _help in (
     _moderation_command(_name, _help)
 
 
-@queue.command("ban")
-@click.argument("user")
-@click.option("--reason", default=None)
-@click.option("--as", "actor", default="cli", show_default=True)
-@pass_ctx
-def queue_ban(c: Ctx, user: str, reason: str | None, actor: str) -> None:
-    """Ban USER (platform:id, or an id on the local platform): their requests are refused."""
-    from bot import moderation
+def _ban_command(name: str, banned: bool, help_text: str):  # type: ignore[no-untyped-def]
+    @queue.command(name, help=help_text)
+    @click.argument("user")
+    @click.option("--reason", default=None, help="Why, or a note (kept in the queue log).")
+    @click.option("--as", "actor", default="cli", show_default=True, help="Moderator name for the queue log.")
+    @pass_ctx
+    def command(c: Ctx, user: str, reason: str | None, actor: str) -> None:
+        from bot import moderation
 
-    with c.app() as app:
-        u = moderation.ban(app.queue, user, actor=f"moderator:{actor}", reason=reason)
-    click.echo(f"user {u.ref} is banned")
+        with c.app() as app:
+            act = moderation.ban if banned else moderation.unban
+            u = act(app.queue, user, actor=f"moderator:{actor}", reason=reason)
+        click.echo(f"user {u.ref} is banned" if banned else f"user {u.ref} is no longer banned")
+
+    return command
 
 
-@queue.command("unban")
-@click.argument("user")
-@click.option("--reason", default=None)
-@click.option("--as", "actor", default="cli", show_default=True)
-@pass_ctx
-def queue_unban(c: Ctx, user: str, reason: str | None, actor: str) -> None:
-    """Lift a ban."""
-    from bot import moderation
-
-    with c.app() as app:
-        u = moderation.unban(app.queue, user, actor=f"moderator:{actor}", reason=reason)
-    click.echo(f"user {u.ref} is no longer banned")
+_ban_command("ban", True, "Ban USER (platform:id, or an id on the local platform): their requests are refused.")
+_ban_command("unban", False, "Lift a ban on USER.")
 
 
 # ---- worker and server --------------------------------------------------------------------

@@ -38,12 +38,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import func, insert, select, tuple_, update
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import OperationalError, IntegrityError
-from sqlalchemy.exc import InterfaceError
 
 from storage import states
-from storage.db import Database, safe_url
-from storage.errors import DatabaseUnavailable, IllegalTransition, LeaseLost, NotFound
+from storage.db import Database
+from storage.errors import IllegalTransition, LeaseLost, NotFound
 from storage.models import AuditEntry, Cursor, Request, User, utcnow
 from storage.records import (
     AuditRecord,
@@ -105,26 +103,19 @@ class Queue:
 
     # ---- plumbing -------------------------------------------------------------------------
 
+    # A lost or refused connection surfaces as DatabaseUnavailable from any query: the engines map
+    # it (storage.db._map_outages), so nothing here needs to.
+
     @contextlib.contextmanager
     def _write(self, *, single: bool = False) -> Iterator[Connection]:
         """A write transaction; ``single=True`` when it is one statement (autocommit on PostgreSQL)."""
-        try:
-            with (self.db.single if single else self.db.write).begin() as conn:
-                yield conn
-        except (OperationalError, InterfaceError) as exc:
-            if _is_connection_error(exc):
-                raise DatabaseUnavailable(f"lost the database {safe_url(self.db.url)}: {_first_line(exc)}") from exc
-            raise
+        with (self.db.single if single else self.db.write).begin() as conn:
+            yield conn
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[Connection]:
-        try:
-            with self.db.read.connect() as conn:
-                yield conn
-        except (OperationalError, InterfaceError) as exc:
-            if _is_connection_error(exc):
-                raise DatabaseUnavailable(f"lost the database {safe_url(self.db.url)}: {_first_line(exc)}") from exc
-            raise
+        with self.db.read.connect() as conn:
+            yield conn
 
     def _audit(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
         if rows:
@@ -826,16 +817,3 @@ def _upsert(dialect: str):  # type: ignore[no-untyped-def]
     else:
         from sqlalchemy.dialects.postgresql import insert as ins
     return ins
-
-
-def _first_line(exc: BaseException) -> str:
-    orig = getattr(exc, "orig", None)
-    text = str(orig if orig is not None else exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _is_connection_error(exc: BaseException) -> bool:
-    if getattr(exc, "connection_invalidated", False):
-        return True
-    text = str(getattr(exc, "orig", exc)).lower()
-    return any(s in text for s in ("connection", "could not connect", "server closed", "terminating", "unable to open"))

@@ -82,36 +82,25 @@ class LocalPlatform:
             dst = folder / f"{i}{Path(src).suffix or '.png'}"
             shutil.copyfile(src, dst)
             names.append(dst.name)
-        record = {
-            "request_id": request.id,
-            "external_id": request.external_id,
-            "user": request.user_ref,
-            "prompt": request.prompt_raw,
-            "seed": request.seed,
-            "images": names,
-            "reply_id": f"local-{request.id}",
-        }
-        tmp = folder / "reply.json.tmp"
-        tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, folder / "reply.json")
-        return Delivery(reply_id=record["reply_id"], reply_url=str(folder / "reply.json"))
+        return self._write_record(folder, "reply.json", request, seed=request.seed, images=names,
+                                  reply_id=f"local-{request.id}")
 
     def deliver_refusal(self, request: RequestRecord, reason: str) -> Delivery:
         """Tell the requester that ``request`` will not be drawn: ``<outbox>/<id>/refusal.json``."""
         folder = self._dir(request)
         folder.mkdir(parents=True, exist_ok=True)
-        record = {
-            "request_id": request.id,
-            "external_id": request.external_id,
-            "user": request.user_ref,
-            "prompt": request.prompt_raw,
-            "refusal": reason,
-            "reply_id": f"local-refusal-{request.id}",
-        }
-        tmp = folder / "refusal.json.tmp"
+        return self._write_record(folder, "refusal.json", request, refusal=reason,
+                                  reply_id=f"local-refusal-{request.id}")
+
+    @staticmethod
+    def _write_record(folder: Path, name: str, request: RequestRecord, *, reply_id: str, **fields: object) -> Delivery:
+        """Write ``folder/name`` atomically (a rename): its presence means the reply is complete."""
+        record = {"request_id": request.id, "external_id": request.external_id, "user": request.user_ref,
+                  "prompt": request.prompt_raw, **fields, "reply_id": reply_id}
+        tmp = folder / f"{name}.tmp"
         tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, folder / "refusal.json")
-        return Delivery(reply_id=record["reply_id"], reply_url=str(folder / "refusal.json"))
+        os.replace(tmp, folder / name)
+        return Delivery(reply_id=reply_id, reply_url=str(folder / name))
 
     def find_delivery(self, request: RequestRecord) -> Delivery | None:
         path = self._dir(request) / "reply.json"
