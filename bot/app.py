@@ -10,7 +10,7 @@ from pathlib import Path
 from bot.config import Settings
 from bot.generation import Generator
 from bot.metrics import Metrics
-from bot.platforms.admission import Check
+from bot.platforms.admission import BatchCheck, Check
 from bot.platforms.base import Platform
 from bot.platforms.local import LocalPlatform
 from bot.safety import ImageClassifier, PromptFilter, build_prompt_filter
@@ -96,14 +96,14 @@ def open_app(settings: Settings, *, auto_upgrade: bool | None = None, check_sche
 
 
 def _intake_checks(settings: Settings, queue: Queue, prompt_filter: PromptFilter | None,
-                   metrics: Metrics) -> list[Check]:
+                   metrics: Metrics) -> list[Check | BatchCheck]:
     """What the X and Discord intakes check before storing a request: the [safety] prompt filter,
     then the [limits] rate limits (each returns the refusal for the user, or None)."""
     from bot.ratelimit import RateLimiter
     from bot.safety import check_prompt
     from storage.limits import LimitCounts
 
-    checks: list[Check] = []
+    checks: list[Check | BatchCheck] = []
     if prompt_filter is not None:
         def filtered(event):  # type: ignore[no-untyped-def]
             refusal = check_prompt(prompt_filter, event.prompt_raw)
@@ -113,5 +113,5 @@ def _intake_checks(settings: Settings, queue: Queue, prompt_filter: PromptFilter
 
         checks.append(filtered)
     checks.append(RateLimiter(LimitCounts(queue.db), settings.limits, clock=queue.clock,
-                              on_limited=lambda hit: metrics.refusals.labels(reason=hit.kind).inc()).check)
+                              on_limited=lambda hit: metrics.refusals.labels(reason=hit.kind).inc()))
     return checks

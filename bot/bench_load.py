@@ -101,7 +101,7 @@ def bench_load(mentions: int, workers: int, batch: int, n_images: int, rate: int
         queue = Queue(db)
         with FakeX(rate_limits=UNLIMITED) as fake, tempfile.TemporaryDirectory() as tmp:
             x = XPlatform(_x_config(fake.base_url, fake.credentials()), queue,
-                          checks=[RateLimiter(LimitCounts(db), LimitsConfig()).check])
+                          checks=[RateLimiter(LimitCounts(db), LimitsConfig())])
             # X's first poll does not backfill: one mention before the burst sets the since_id cursor
             warmup = fake.add_mention(fake.add_user("early_bird"), "a white circle")
             if x.poll_once() != 1:

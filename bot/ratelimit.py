@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +46,10 @@ class Limited:
 
 
 class RateLimiter:
+    """An intake check (``check``) and a batch intake check (``check_many``): one query per kind of
+    window for a whole batch, then the batch is decided in order, each accepted event counting
+    against the events after it (so one user's 10 mentions in one poll are limited like 10 polls)."""
+
     def __init__(self, counts: LimitCounts, cfg: Any, *, clock: Callable[[], dt.datetime] = utcnow,
                  on_limited: Callable[[Limited], None] | None = None) -> None:
         self.counts = counts
@@ -52,31 +57,63 @@ class RateLimiter:
         self.clock = clock
         self.on_limited = on_limited
 
+    def _windows(self, event: Any) -> list[tuple[str, str, str, int, float]]:
+        """(limit name, counted by, key, limit, window seconds) of the limits that apply to ``event``."""
+        cfg = self.cfg
+        out = [("user_burst", "user", event.author_id, cfg.user_burst, cfg.user_burst_seconds),
+               ("user_hourly", "user", event.author_id, cfg.user_hourly, 3600.0)]
+        if event.guild_id:
+            out.append(("guild_hourly", "guild", event.guild_id, cfg.guild_hourly, 3600.0))
+        if event.channel_id and event.guild_id:
+            out.append(("channel_hourly", "channel", event.channel_id, cfg.channel_hourly, 3600.0))
+        return [w for w in out if w[3] > 0]
+
+    def limited_many(self, events: Sequence[Any]) -> list[Limited | None]:
+        """The first limit each event runs into (or None), deciding ``events`` in order."""
+        cfg, now = self.cfg, self.clock()
+        wanted: dict[tuple[str, str], tuple[set[str], dict[str, dt.datetime]]] = {}
+        for event in events:
+            for name, by, key, _limit, seconds in self._windows(event):
+                keys, windows = wanted.setdefault((by, event.platform), (set(), {}))
+                keys.add(key)
+                windows[name] = now - dt.timedelta(seconds=seconds)
+        counts = {group: self.counts.grouped(group[0], group[1], sorted(keys), windows)
+                  for group, (keys, windows) in wanted.items()}
+        queued = self.counts.queued() if cfg.queue_cap > 0 else 0
+        added: Counter[tuple[str, str, str]] = Counter()  # accepted in this batch, per window and key
+        out: list[Limited | None] = []
+        for event in events:
+            hit: Limited | None = None
+            windows = self._windows(event)
+            for name, by, key, limit, seconds in windows:
+                stored = counts[(by, event.platform)].get(key, {}).get(name, 0)
+                mine = added[(name, event.platform, key)]
+                if stored + mine >= limit:
+                    hit = Limited(name, self._wait(by, event.platform, key, limit - mine, seconds, now))
+                    break
+            if hit is None and cfg.queue_cap > 0 and queued >= cfg.queue_cap:
+                hit = Limited("queue_cap", None)
+            if hit is None:
+                queued += 1
+                for name, _by, key, _limit, _seconds in windows:
+                    added[(name, event.platform, key)] += 1
+            out.append(hit)
+        return out
+
+    def _wait(self, by: str, platform: str, key: str, room: int, seconds: float, now: dt.datetime) -> float:
+        """Seconds until one more request fits, when ``room`` slots of the limit are left for stored
+        requests (the rest went to this batch, whose requests leave the window last)."""
+        if room <= 0:
+            return seconds
+        count_fn = getattr(self.counts, by)
+        count, oldest = count_fn(platform, key, now - dt.timedelta(seconds=seconds), room)
+        return retry_after(count, room, oldest, seconds, now) or 1.0
+
     def limited(self, event: Any) -> Limited | None:
         """The first limit ``event`` (an IntakeEvent) runs into, or None."""
-        cfg, now = self.cfg, self.clock()
-        windows: list[tuple[str, Callable[..., tuple[int, dt.datetime | None]], tuple[Any, ...], int, float]] = [
-            ("user_burst", self.counts.user, (event.platform, event.author_id), cfg.user_burst, cfg.user_burst_seconds),
-            ("user_hourly", self.counts.user, (event.platform, event.author_id), cfg.user_hourly, 3600.0),
-        ]
-        if event.guild_id:
-            windows.append(("guild_hourly", self.counts.guild, (event.platform, event.guild_id), cfg.guild_hourly, 3600.0))
-        if event.channel_id and event.guild_id:
-            windows.append(("channel_hourly", self.counts.channel, (event.platform, event.channel_id),
-                            cfg.channel_hourly, 3600.0))
-        for kind, count_fn, key, limit, window in windows:
-            if limit <= 0:
-                continue
-            count, oldest = count_fn(*key, now - dt.timedelta(seconds=window), limit)
-            wait = retry_after(count, limit, oldest, window, now)
-            if wait is not None:
-                return Limited(kind, wait)
-        if cfg.queue_cap > 0 and self.counts.queued() >= cfg.queue_cap:
-            return Limited("queue_cap", None)
-        return None
+        return self.limited_many([event])[0]
 
-    def check(self, event: Any) -> str | None:
-        hit = self.limited(event)
+    def _refusal(self, hit: Limited | None) -> str | None:
         if hit is None:
             return None
         if self.on_limited:
@@ -85,3 +122,12 @@ class RateLimiter:
         if hit.kind == "queue_cap":
             return self.cfg.busy_message
         return self.cfg.limited_message.format(wait=humane(hit.retry_after or 60))
+
+    def check_many(self, events: Sequence[Any]) -> list[str | None]:
+        """Batch intake check: the refusal for each event, or None to accept it."""
+        return [self._refusal(hit) for hit in self.limited_many(events)]
+
+    def check(self, event: Any) -> str | None:
+        return self.check_many([event])[0]
+
+    __call__ = check

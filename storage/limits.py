@@ -11,6 +11,7 @@ instant; nothing else does.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping, Sequence
 
 from sqlalchemy import func, select
 
@@ -48,6 +49,29 @@ class LimitCounts:
     def channel(self, platform: str, channel_id: str, since: dt.datetime, limit: int) -> tuple[int, dt.datetime | None]:
         return self._window([R.c.platform == platform, R.c.channel_id == channel_id, R.c.guild_id.is_not(None)],
                             since, limit)
+
+    def grouped(self, kind: str, platform: str, keys: Sequence[str], windows: Mapping[str, dt.datetime]
+                ) -> dict[str, dict[str, int]]:
+        """Counts for many keys at once (one query): ``{key: {window name: count}}`` for the
+        ``kind`` ("user", "guild" or "channel") of ``platform``, one count per window start in
+        ``windows``. Keys with nothing in any window are absent. Batch intake decides from these."""
+        if not keys or not windows:
+            return {}
+        col, cond = {
+            "user": (R.c.author_id, []),
+            "guild": (R.c.guild_id, []),
+            "channel": (R.c.channel_id, [R.c.guild_id.is_not(None)]),
+        }[kind]
+        since = min(windows.values())
+        counts = [func.count().filter(R.c.created_at >= start).label(f"n{i}") for i, start in enumerate(windows.values())]
+        stmt = (select(col, *counts)
+                .where(R.c.platform == platform, col.in_(sorted(set(keys))), *cond, R.c.created_at >= since,
+                       R.c.status != Status.REJECTED.value)
+                .group_by(col))
+        with self.db.read.connect() as conn:
+            rows = conn.execute(stmt).all()
+        names = list(windows)
+        return {row[0]: {name: row[i + 1] for i, name in enumerate(names)} for row in rows}
 
     def queued(self) -> int:
         with self.db.read.connect() as conn:

@@ -81,10 +81,6 @@ def backoff_seconds(attempt: int, base: float, cap: float, jitter: float) -> flo
     return delay * (1.0 + 0.2 * jitter)
 
 
-def _greatest(dialect: str, a: Any, b: Any) -> Any:
-    return func.max(a, b) if dialect == "sqlite" else func.greatest(a, b)
-
-
 class Queue:
     """All reads and writes of requests, users, the audit log and cursors."""
 
@@ -198,152 +194,81 @@ class Queue:
         rate-limited: ``reason`` says why) or ``held_for_review``. A banned user's request is stored
         as ``rejected`` whatever the intake decided. Returns the stored request and whether it is new.
         """
-        if not states.allowed(S.RECEIVED, status):
-            raise ValueError(f"intake cannot store a request as {status}")
-        actor = actor or f"intake:{new.platform}"
-        now = self.clock()
-        dialect = self.db.dialect
+        return self.enqueue_many([(new, status, reason)], actor=actor)[0]
+
+    def enqueue_many(self, items: Sequence[tuple[NewRequest, Status, str | None]], *,
+                     actor: str | None = None) -> list[EnqueueResult]:
+        """:meth:`enqueue` for a batch of ``(request, status, reason)`` in one transaction (on
+        PostgreSQL one statement), in order: fair-share slots and ids come out as if each was
+        enqueued after the one before it. An item whose ``(platform, external_id)`` is stored already,
+        or came earlier in the same batch, gets the stored request back with ``created=False``."""
+        for _new, status, _reason in items:
+            if not states.allowed(S.RECEIVED, status):
+                raise ValueError(f"intake cannot store a request as {status}")
+        if not items:
+            return []
         if not self.db.is_sqlite:
-            return self._enqueue_pg(new, actor=actor, status=status, reason=reason)
-        with self._write() as conn:
-            # Fair-share slot: the user's next slot, but never behind the head of the queue.
-            vt = select(
-                func.coalesce(
-                    select(func.min(R.c.slot)).where(R.c.status == S.QUEUED.value).scalar_subquery(),
-                    select(R.c.slot).order_by(R.c.id.desc()).limit(1).scalar_subquery(),
-                    0,
-                )
-            ).scalar_subquery()
-            ins = _upsert(dialect)(U).values(
-                platform=new.platform,
-                platform_user_id=new.author_id,
-                name=new.author_name,
-                banned=False,
-                notes="",
-                next_slot=vt + 1,
-                created_at=now,
-                updated_at=now,
-            )
-            user = conn.execute(
-                ins.on_conflict_do_update(
-                    index_elements=[U.c.platform, U.c.platform_user_id],
-                    set_={
-                        "name": sa.case((ins.excluded.name != "", ins.excluded.name), else_=U.c.name),
-                        "next_slot": _greatest(dialect, U.c.next_slot, vt) + 1,
-                        "updated_at": now,
-                    },
-                ).returning(U.c.banned, U.c.next_slot)
-            ).one()
-            slot = user.next_slot - 1
-            error = reason
-            if user.banned and status != S.REJECTED:
-                status, error = S.REJECTED, "user is banned"
-            finished = now if status in states.TERMINAL else None
-            values = dict(
-                platform=new.platform,
-                external_id=new.external_id,
-                channel_id=new.channel_id,
-                guild_id=new.guild_id,
-                author_id=new.author_id,
-                author_name=new.author_name,
-                prompt_raw=new.prompt_raw,
-                prompt=new.prompt,
-                n_images=new.n_images,
-                seed=new.seed,
-                options=dict(new.options),
-                status=status.value,
-                priority=new.priority,
-                slot=slot,
-                attempts=0,
-                max_attempts=self.policy.max_attempts,
-                run_at=now,
-                error=error,
-                image_paths=[],
-                nsfw_scores=[],
-                notify=True,
-                created_at=now,
-                updated_at=now,
-                finished_at=finished,
-            )
-            # ON CONFLICT DO NOTHING: the same event delivered twice (even at the same instant) is
-            # one request; the second delivery gets the stored one back.
-            stmt = _upsert(dialect)(R).values(**values).on_conflict_do_nothing(
-                index_elements=[R.c.platform, R.c.external_id]).returning(*R.c)
-            audit_values = {"user_ref": f"{new.platform}:{new.author_id}", "actor": actor, "action": "received",
-                            "from_status": None, "to_status": status.value, "reason": error, "created_at": now}
-            if self.db.is_sqlite:
-                row = conn.execute(stmt).first()
-                if row is not None:
-                    self._audit(conn, [{"request_id": row.id, **audit_values}])
-            else:  # one round trip: the audit row is written by a CTE over the INSERT's RETURNING
-                r = stmt.cte("r")
-                a = insert(A).from_select(
-                    ["request_id", *audit_values],
-                    select(r.c.id, *[sa.literal(v, A.c[k].type) for k, v in audit_values.items()]),
-                ).cte("a")
-                row = conn.execute(select(r).add_cte(a)).first()
-            if row is None:
-                existing = conn.execute(
-                    select(R).where(R.c.platform == new.platform, R.c.external_id == new.external_id)
-                ).one()
-                return EnqueueResult(RequestRecord.from_row(existing), created=False)
-            rec = RequestRecord.from_row(row)
-        return EnqueueResult(rec, created=True)
-
-    def _enqueue_pg(self, new: NewRequest, *, actor: str, status: Status, reason: str | None) -> EnqueueResult:
-        """PostgreSQL: the whole intake (user upsert, request insert, audit row) in one statement."""
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
-
+            return self._enqueue_pg(items, actor)
         now = self.clock()
-        vt = select(
-            func.coalesce(
-                select(func.min(R.c.slot)).where(R.c.status == S.QUEUED.value).scalar_subquery(),
-                select(R.c.slot).order_by(R.c.id.desc()).limit(1).scalar_subquery(),
-                0,
-            )
-        ).scalar_subquery()
-        ins_u = pg_insert(U).values(platform=new.platform, platform_user_id=new.author_id, name=new.author_name,
-                                    banned=False, notes="", next_slot=vt + 1, created_at=now, updated_at=now)
-        u = ins_u.on_conflict_do_update(
-            index_elements=[U.c.platform, U.c.platform_user_id],
-            set_={"name": sa.case((ins_u.excluded.name != "", ins_u.excluded.name), else_=U.c.name),
-                  "next_slot": func.greatest(U.c.next_slot, vt) + 1, "updated_at": now},
-        ).returning(U.c.banned, U.c.next_slot).cte("u")
-        refuse = sa.and_(u.c.banned, sa.literal(status != S.REJECTED))
-        computed = {
-            "status": sa.case((refuse, S.REJECTED.value), else_=status.value),
-            "error": sa.case((refuse, "user is banned"), else_=sa.cast(sa.literal(reason), sa.Text)),
-            "finished_at": sa.case((sa.or_(refuse, sa.literal(status in states.TERMINAL)), now),
-                                   else_=sa.cast(sa.null(), sa.DateTime)),
-            "slot": u.c.next_slot - 1,
-        }
-        constants = dict(
+        with self._write() as conn:
+            return [self._enqueue_sqlite(conn, new, actor or f"intake:{new.platform}", status, reason, now)
+                    for new, status, reason in items]
+
+    def _enqueue_sqlite(self, conn: Connection, new: NewRequest, actor: str, status: Status, reason: str | None,
+                        now: dt.datetime) -> EnqueueResult:
+        stored = conn.execute(_SQLITE_STORED, {"platform": new.platform, "external_id": new.external_id}).first()
+        if stored is not None:  # the same event delivered twice: the stored request wins
+            return EnqueueResult(RequestRecord.from_row(stored), created=False)
+        user = conn.execute(_SQLITE_USER, {"platform": new.platform, "author_id": new.author_id,
+                                           "name": new.author_name, "now": now}).one()
+        error = reason
+        if user.banned and status != S.REJECTED:
+            status, error = S.REJECTED, "user is banned"
+        row = conn.execute(_SQLITE_INSERT, dict(
             platform=new.platform, external_id=new.external_id, channel_id=new.channel_id, guild_id=new.guild_id,
             author_id=new.author_id, author_name=new.author_name, prompt_raw=new.prompt_raw, prompt=new.prompt,
-            n_images=new.n_images, seed=new.seed, options=dict(new.options), priority=new.priority, attempts=0,
-            max_attempts=self.policy.max_attempts, run_at=now, image_paths=[], nsfw_scores=[], notify=True,
-            created_at=now, updated_at=now,
-        )
-        cols = list(constants) + list(computed)
-        exprs = [sa.cast(sa.null(), R.c[k].type) if v is None else sa.literal(v, R.c[k].type)
-                 for k, v in constants.items()] + list(computed.values())
-        r = (
-            pg_insert(R).from_select(cols, select(*exprs).select_from(u))
-            .on_conflict_do_nothing(index_elements=[R.c.platform, R.c.external_id])
-            .returning(*R.c).cte("r")
-        )
-        a = insert(A).from_select(
-            ["request_id", "user_ref", "actor", "action", "from_status", "to_status", "reason", "created_at"],
-            select(r.c.id, sa.literal(f"{new.platform}:{new.author_id}"), sa.literal(actor), sa.literal("received"),
-                   sa.cast(sa.null(), sa.String), r.c.status, r.c.error, sa.literal(now, sa.DateTime)),
-        ).cte("a")
-        with self._write(single=True) as conn:
-            row = conn.execute(select(r).add_cte(a)).first()
-            if row is None:  # the same event delivered twice: the stored request wins
-                row = conn.execute(
-                    select(R).where(R.c.platform == new.platform, R.c.external_id == new.external_id)).one()
-                return EnqueueResult(RequestRecord.from_row(row), created=False)
+            n_images=new.n_images, seed=new.seed, options=dict(new.options), status=status.value,
+            priority=new.priority, slot=user.next_slot - 1, attempts=0, max_attempts=self.policy.max_attempts,
+            run_at=now, error=error, image_paths=[], nsfw_scores=[], notify=True, created_at=now, updated_at=now,
+            finished_at=now if status in states.TERMINAL else None,
+        )).one()
+        conn.execute(_AUDIT_INSERT, {"request_id": row.id, "user_ref": f"{new.platform}:{new.author_id}",
+                                     "actor": actor, "action": "received", "from_status": None,
+                                     "to_status": status.value, "reason": error, "created_at": now})
         return EnqueueResult(RequestRecord.from_row(row), created=True)
+
+    def _enqueue_pg(self, items: Sequence[tuple[NewRequest, Status, str | None]], actor: str | None
+                    ) -> list[EnqueueResult]:
+        """PostgreSQL: the whole batch (user upserts, request inserts, audit rows) in one statement."""
+        columns: dict[str, list[Any]] = {name: [] for name, _type in _PG_INTAKE_COLUMNS}
+        for new, status, reason in items:
+            for name, value in (
+                ("platform", new.platform), ("external_id", new.external_id), ("channel_id", new.channel_id),
+                ("guild_id", new.guild_id), ("author_id", new.author_id), ("author_name", new.author_name),
+                ("prompt_raw", new.prompt_raw), ("prompt", new.prompt), ("n_images", new.n_images),
+                ("seed", new.seed), ("options", json.dumps(dict(new.options))), ("priority", new.priority),
+                ("status", status.value), ("reason", reason), ("actor", actor or f"intake:{new.platform}"),
+            ):
+                columns[name].append(value)
+        params = {**columns, "now": self.clock(), "max_attempts": self.policy.max_attempts,
+                  "terminal": sorted(s.value for s in states.TERMINAL)}
+        with self._write(single=True) as conn:
+            created = {(row.platform, row.external_id): RequestRecord.from_row(row)
+                       for row in conn.execute(_PG_ENQUEUE, params)}
+            missing = {(new.platform, new.external_id) for new, _s, _r in items} - created.keys()
+            stored: dict[tuple[str, str], RequestRecord] = {}
+            if missing:  # delivered before (or twice in this batch): the stored request wins
+                rows = conn.execute(select(R).where(tuple_(R.c.platform, R.c.external_id).in_(sorted(missing))))
+                stored = {(row.platform, row.external_id): RequestRecord.from_row(row) for row in rows}
+        out = []
+        for new, _status, _reason in items:
+            key = (new.platform, new.external_id)
+            if key in created:
+                out.append(EnqueueResult(created.pop(key), created=True))
+                stored[key] = out[-1].request
+            else:
+                out.append(EnqueueResult(stored[key], created=False))
+        return out
 
     # ---- worker: claim, renew, complete, fail ------------------------------------------------
 
@@ -817,3 +742,87 @@ def _upsert(dialect: str):  # type: ignore[no-untyped-def]
     else:
         from sqlalchemy.dialects.postgresql import insert as ins
     return ins
+
+
+# The batch intake statement on PostgreSQL (:meth:`Queue._enqueue_pg`): the batch arrives as one array
+# per column; the first of each (platform, external_id) not stored before is inserted; each user's
+# row is upserted once, its next_slot moved past all of the batch's requests of that user.
+_PG_INTAKE_COLUMNS = [
+    ("platform", "text"), ("external_id", "text"), ("channel_id", "text"), ("guild_id", "text"),
+    ("author_id", "text"), ("author_name", "text"), ("prompt_raw", "text"), ("prompt", "text"),
+    ("n_images", "int"), ("seed", "bigint"), ("options", "text"), ("priority", "int"), ("status", "text"),
+    ("reason", "text"), ("actor", "text"),
+]
+_PG_ENQUEUE = sa.text(
+    "WITH input AS (SELECT * FROM unnest("
+    + ", ".join(f"CAST(:{name} AS {typ}[])" for name, typ in _PG_INTAKE_COLUMNS)
+    + ") WITH ORDINALITY AS t(" + ", ".join(name for name, _ in _PG_INTAKE_COLUMNS) + """, ord)),
+fresh AS (
+    SELECT DISTINCT ON (i.platform, i.external_id) i.* FROM input i
+    WHERE NOT EXISTS (SELECT 1 FROM requests r WHERE r.platform = i.platform AND r.external_id = i.external_id)
+    ORDER BY i.platform, i.external_id, i.ord
+),
+ranked AS (
+    SELECT f.*, row_number() OVER w AS k, count(*) OVER w AS n
+    FROM fresh f WINDOW w AS (PARTITION BY f.platform, f.author_id ORDER BY f.ord
+                              ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)
+),
+vt AS (
+    SELECT coalesce((SELECT min(slot) FROM requests WHERE status = 'queued'),
+                    (SELECT slot FROM requests ORDER BY id DESC LIMIT 1), 0) AS v
+),
+u AS (
+    INSERT INTO users AS x (platform, platform_user_id, name, banned, notes, next_slot, created_at, updated_at)
+    SELECT * FROM (
+        SELECT DISTINCT ON (platform, author_id) platform, author_id, author_name, false, '',
+               (SELECT v FROM vt) + n, CAST(:now AS timestamp), CAST(:now AS timestamp)
+        FROM ranked ORDER BY platform, author_id, ord DESC
+    ) latest
+    ON CONFLICT (platform, platform_user_id) DO UPDATE SET
+        name = CASE WHEN excluded.name <> '' THEN excluded.name ELSE x.name END,
+        next_slot = greatest(x.next_slot, (SELECT v FROM vt)) + excluded.next_slot - (SELECT v FROM vt),
+        updated_at = excluded.updated_at
+    RETURNING x.platform, x.platform_user_id, x.banned, x.next_slot
+),
+decided AS (
+    SELECT k.*, u.next_slot - k.n + k.k - 1 AS slot, (u.banned AND k.status <> 'rejected') AS banned_now
+    FROM ranked k JOIN u ON u.platform = k.platform AND u.platform_user_id = k.author_id
+),
+r AS (
+    INSERT INTO requests (platform, external_id, channel_id, guild_id, author_id, author_name, prompt_raw, prompt,
+                          n_images, seed, options, status, priority, slot, attempts, max_attempts, run_at, error,
+                          image_paths, nsfw_scores, notify, created_at, updated_at, finished_at)
+    SELECT platform, external_id, channel_id, guild_id, author_id, author_name, prompt_raw, prompt,
+           n_images, seed, CAST(options AS json), CASE WHEN banned_now THEN 'rejected' ELSE status END,
+           priority, slot, 0, :max_attempts, CAST(:now AS timestamp),
+           CASE WHEN banned_now THEN 'user is banned' ELSE reason END,
+           CAST('[]' AS json), CAST('[]' AS json), true, CAST(:now AS timestamp), CAST(:now AS timestamp),
+           CASE WHEN banned_now OR status = ANY(CAST(:terminal AS text[])) THEN CAST(:now AS timestamp) END
+    FROM decided ORDER BY ord
+    ON CONFLICT (platform, external_id) DO NOTHING
+    RETURNING *
+),
+a AS (
+    INSERT INTO audit_log (request_id, user_ref, actor, action, from_status, to_status, reason, created_at)
+    SELECT r.id, r.platform || ':' || r.author_id, d.actor, 'received', NULL, r.status, r.error, r.created_at
+    FROM r JOIN decided d ON d.platform = r.platform AND d.external_id = r.external_id
+)
+SELECT * FROM r""")
+
+
+# SQLite intake (:meth:`Queue._enqueue_sqlite`), built once: under BEGIN IMMEDIATE, per request.
+# The fair-share slot is the user's next slot, but never behind the head of the queue.
+_SQLITE_STORED = select(R).where(R.c.platform == sa.bindparam("platform"),
+                                 R.c.external_id == sa.bindparam("external_id"))
+_SQLITE_USER = sa.text("""
+WITH vt AS (SELECT coalesce((SELECT min(slot) FROM requests WHERE status = 'queued'),
+                            (SELECT slot FROM requests ORDER BY id DESC LIMIT 1), 0) AS v)
+INSERT INTO users (platform, platform_user_id, name, banned, notes, next_slot, created_at, updated_at)
+VALUES (:platform, :author_id, :name, 0, '', (SELECT v FROM vt) + 1, :now, :now)
+ON CONFLICT (platform, platform_user_id) DO UPDATE SET
+    name = CASE WHEN excluded.name <> '' THEN excluded.name ELSE users.name END,
+    next_slot = max(users.next_slot, (SELECT v FROM vt)) + 1,
+    updated_at = excluded.updated_at
+RETURNING banned, next_slot""").bindparams(sa.bindparam("now", type_=sa.DateTime()))
+_SQLITE_INSERT = insert(R).returning(*R.c)
+_AUDIT_INSERT = insert(A)

@@ -6,6 +6,7 @@ and the database `test` is left as it was.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -24,16 +25,24 @@ def pg_dsn() -> str:
     return PG_SERVER.replace("postgresql+psycopg://", "postgresql://")
 
 
-@pytest.fixture
-def pg_schema_url() -> Iterator[str]:
-    """A URL on the real PostgreSQL server whose tables live in a fresh schema."""
+@contextlib.contextmanager
+def pg_schema() -> Iterator[str]:
+    """A URL on the real PostgreSQL server whose tables live in a fresh schema, dropped afterwards."""
     schema = f"t_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(pg_dsn(), autocommit=True) as conn:
         conn.execute(f'CREATE SCHEMA "{schema}"')
     sep = "&" if "?" in PG_SERVER else "?"
-    yield f"{PG_SERVER}{sep}options=-csearch_path%3D{schema}"
-    with psycopg.connect(pg_dsn(), autocommit=True) as conn:
-        conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+    try:
+        yield f"{PG_SERVER}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(pg_dsn(), autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+@pytest.fixture
+def pg_schema_url() -> Iterator[str]:
+    with pg_schema() as url:
+        yield url
 
 
 @pytest.fixture
@@ -85,3 +94,18 @@ def queue(database: dbmod.Database, clock: FakeClock) -> Queue:
 
     return Queue(database, QueuePolicy(lease_seconds=60, max_attempts=3, retry_base_seconds=10,
                                        retry_max_seconds=600), clock=clock, rng=random.Random(0))
+
+
+@pytest.fixture
+def twin_queue(db_url: str, tmp_path: Path, clock: FakeClock) -> Iterator[Queue]:
+    """A second, empty queue on the same kind of database as ``queue`` (to compare two ways of
+    doing the same thing)."""
+    import random
+
+    with contextlib.ExitStack() as stack:
+        url = f"sqlite:///{tmp_path / 'twin.sqlite3'}" if db_url.startswith("sqlite") else stack.enter_context(pg_schema())
+        db = dbmod.connect(url)
+        dbmod.upgrade(db)
+        yield Queue(db, QueuePolicy(lease_seconds=60, max_attempts=3, retry_base_seconds=10, retry_max_seconds=600),
+                    clock=clock, rng=random.Random(0))
+        db.dispose()

@@ -77,44 +77,76 @@ def storable(text: str, limit: int = MAX_STORED_CHARS) -> str:
     return text.encode("utf-8", "replace").decode("utf-8")
 
 
-def admit(queue: Queue, event: IntakeEvent, *, max_chars: int, checks: Sequence[Check] = (),
+@runtime_checkable
+class BatchCheck(Protocol):
+    """A check that decides a whole batch at once (one query for all, e.g. rate limits):
+    returns, in order, a refusal or None for each event."""
+
+    def check_many(self, events: Sequence[IntakeEvent]) -> list[str | None]:
+        ...
+
+
+def admit(queue: Queue, event: IntakeEvent, *, max_chars: int, checks: Sequence[Check | BatchCheck] = (),
           actor: str | None = None, store_refusals: bool = True) -> Admission:
     """Validate and store ``event``; never raises for bad input (only for storage errors).
 
     ``store_refusals=False`` (the local platform, whose caller shows the message at once): a refused
     prompt raises :class:`PromptRejected` instead of being stored."""
-    raw = storable(event.prompt_raw)
-    refusal: str | None = None
-    prompt = ""
+    return admit_many(queue, [event], max_chars=max_chars, checks=checks, actor=actor,
+                      store_refusals=store_refusals)[0]
+
+
+def admit_many(queue: Queue, events: Sequence[IntakeEvent], *, max_chars: int,
+               checks: Sequence[Check | BatchCheck] = (), actor: str | None = None,
+               store_refusals: bool = True) -> list[Admission]:
+    """:func:`admit` for a batch (a page of mentions), in order: one pause lookup, each batch
+    check once over the events still accepted, and one transaction to store them all. The
+    decisions are those of admitting the events one after another."""
+    if not events:
+        return []
+    raws = [storable(event.prompt_raw) for event in events]
+    refusals: list[str | None] = [None] * len(events)
+    prompts = [""] * len(events)
     if intake_paused(queue):
-        refusal = texts.PAUSED
+        refusals = [texts.PAUSED] * len(events)
     else:
-        try:
-            prompt = validate_prompt(raw, max_chars=max_chars)
-        except PromptRejected as exc:
-            refusal = str(exc)
-    if refusal is None:
-        for check in checks:
-            refusal = check(event)
+        for i, raw in enumerate(raws):
+            try:
+                prompts[i] = validate_prompt(raw, max_chars=max_chars)
+            except PromptRejected as exc:
+                refusals[i] = str(exc)
+    for check in checks:
+        open_ = [i for i, refusal in enumerate(refusals) if refusal is None]
+        if not open_:
+            break
+        if isinstance(check, BatchCheck):
+            decided = check.check_many([events[i] for i in open_])
+        else:
+            decided = [check(events[i]) for i in open_]
+        for i, refusal in zip(open_, decided, strict=True):
+            refusals[i] = refusal
+    if not store_refusals:
+        for refusal in refusals:
             if refusal is not None:
-                break
-    if refusal is not None and not store_refusals:
-        raise PromptRejected(refusal)
-    if not prompt:
-        prompt = normalize_prompt(raw)[:max_chars]
-    new = NewRequest(
-        platform=event.platform, external_id=event.external_id, author_id=event.author_id,
-        author_name=storable(event.author_name, 256), prompt_raw=raw, prompt=prompt, channel_id=event.channel_id,
-        guild_id=event.guild_id, n_images=event.n_images, seed=event.seed, options=dict(event.options),
-    )
-    result = queue.enqueue(new, actor=actor or f"intake:{event.platform}",
-                           status=Status.QUEUED if refusal is None else Status.REJECTED, reason=refusal)
-    rec = result.request
-    if rec.status == Status.REJECTED and (refusal is None or not result.created):
-        refusal = texts.refusal_text(rec.error)  # banned (decided by the queue), or the stored reason
-    elif rec.status != Status.REJECTED:
-        refusal = None
-    return Admission(rec, result.created, refusal)
+                raise PromptRejected(refusal)
+    items = []
+    for event, raw, prompt, refusal in zip(events, raws, prompts, refusals, strict=True):
+        new = NewRequest(
+            platform=event.platform, external_id=event.external_id, author_id=event.author_id,
+            author_name=storable(event.author_name, 256), prompt_raw=raw,
+            prompt=prompt or normalize_prompt(raw)[:max_chars], channel_id=event.channel_id,
+            guild_id=event.guild_id, n_images=event.n_images, seed=event.seed, options=dict(event.options),
+        )
+        items.append((new, Status.QUEUED if refusal is None else Status.REJECTED, refusal))
+    out = []
+    for result, refusal in zip(queue.enqueue_many(items, actor=actor), refusals, strict=True):
+        rec = result.request
+        if rec.status == Status.REJECTED and (refusal is None or not result.created):
+            refusal = texts.refusal_text(rec.error)  # banned (decided by the queue), or the stored reason
+        elif rec.status != Status.REJECTED:
+            refusal = None
+        out.append(Admission(rec, result.created, refusal))
+    return out
 
 
 @runtime_checkable

@@ -48,7 +48,7 @@ from PIL import Image
 
 from bot.config import XConfig
 from bot.platforms import text as texts
-from bot.platforms.admission import Admission, Check, IntakeEvent, admit
+from bot.platforms.admission import Admission, BatchCheck, Check, IntakeEvent, admit_many
 from bot.platforms.base import Delivery, DeliveryError
 from bot.x_media import upload_image_for_client
 from storage.platform_state import DailyCounter, Lease, audit
@@ -62,6 +62,8 @@ LEASE = "x:poller"
 POST_BUDGET = "x:budget:posts"
 REFUSAL_BUDGET = "x:budget:refusals"
 MAX_IMAGE_BYTES = 5 * 1024 * 1024
+#: Mentions stored per transaction (one statement on PostgreSQL): a page of the mentions timeline.
+ADMIT_BATCH = 100
 
 MENTION_PARAMS: dict[str, Any] = dict(
     tweet_fields=["author_id", "conversation_id", "created_at", "in_reply_to_user_id", "referenced_tweets",
@@ -95,7 +97,7 @@ class XPlatform:
         queue: Queue,
         *,
         max_prompt_chars: int = 280,
-        checks: Sequence[Check] = (),
+        checks: Sequence[Check | BatchCheck] = (),
         owner: str | None = None,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
@@ -226,40 +228,39 @@ class XPlatform:
             _log.warning("X: mentions rate-limited until %s", exc.reset_time)
         except (tweepy.TweepyException, requests.RequestException) as exc:
             _log.warning("X: polling mentions failed: %s", exc)
+        events = [e for tid in sorted(tweets)  # oldest first: the queue serves in arrival order
+                  if (e := self._event(tweets[tid], users, bot_id, bot_name)) is not None]
         stored = 0
-        for tid in sorted(tweets):  # oldest first: the queue serves in arrival order
-            if self._handle_mention(tweets[tid], users, bot_id, bot_name):
-                stored += 1
+        for start in range(0, len(events), ADMIT_BATCH):
+            for adm in admit_many(self.queue, events[start:start + ADMIT_BATCH], max_chars=self.max_prompt_chars,
+                                  checks=[_PostBudget(self), *self.checks]):
+                if adm.owes_refusal:
+                    self._refuse(adm)
+                stored += adm.created
         if complete and newest is not None and (since is None or newest > int(since)):
             self.queue.set_cursor(CURSOR, str(newest))
         return stored
 
-    def _handle_mention(self, tweet: Any, users: dict[str, Any], bot_id: str, bot_name: str) -> bool:
+    def _event(self, tweet: Any, users: dict[str, Any], bot_id: str, bot_name: str) -> IntakeEvent | None:
+        """The request a mention asks for, or None for posts that are not requests."""
         author_id = str(tweet.author_id)
         if author_id == bot_id:
-            return False
+            return None
         refs = tweet.referenced_tweets or []
         if any(r.type == "retweeted" for r in refs):
-            return False
+            return None
         text = tweet.text or ""
         if not texts.mentions_in_display(text, tweet.display_text_range, bot_name):
-            return False
+            return None
         history = tweet.edit_history_tweet_ids or [tweet.id]
         author = users.get(author_id)
-        event = IntakeEvent(
+        return IntakeEvent(
             platform=self.name, external_id=str(history[0]), author_id=author_id,
             author_name=getattr(author, "username", "") or "",
             prompt_raw=texts.extract_x_prompt(text, tweet.display_text_range),
             channel_id=str(tweet.conversation_id) if tweet.conversation_id else None,
             n_images=self.cfg.images, options={"reply_to": str(tweet.id)},
         )
-        adm = admit(self.queue, event, max_chars=self.max_prompt_chars, checks=[self._budget_check, *self.checks])
-        if adm.owes_refusal:
-            self._refuse(adm)
-        return adm.created
-
-    def _budget_check(self, event: IntakeEvent) -> str | None:
-        return texts.DAILY_LIMIT if self.posts.used() >= self.cfg.daily_post_budget else None
 
     def _refuse(self, adm: Admission) -> None:
         """Reply once to a refused mention, within the daily refusal budget; record what happened."""
@@ -385,6 +386,17 @@ class XPlatform:
             if replied and (t.attachments or {}).get("media_keys"):
                 return self._delivery(str(t.id))
         return None
+
+
+class _PostBudget:
+    """Intake check: refuse new requests once today's posting budget is spent (one lookup a batch)."""
+
+    def __init__(self, x: XPlatform) -> None:
+        self.x = x
+
+    def check_many(self, events: Sequence[IntakeEvent]) -> list[str | None]:
+        spent = self.x.posts.used() >= self.x.cfg.daily_post_budget
+        return [texts.DAILY_LIMIT if spent else None for _ in events]
 
 
 class _DuplicateContent(Exception):

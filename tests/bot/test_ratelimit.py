@@ -79,3 +79,32 @@ def test_queue_cap_says_busy(queue: Queue, clock) -> None:
     assert not busy.accepted and busy.refusal == LimitsConfig().busy_message
     queue.claim("w", 1)  # one leaves the queue: room again
     assert admit(queue, _event(4, user="d"), max_chars=280, checks=[lim.check]).accepted
+
+
+def test_a_batch_is_limited_as_one_by_one(queue: Queue, twin_queue: Queue, clock) -> None:
+    """admit_many (one query per kind of limit for the whole batch) decides what admitting the events
+    one after another decides, including limits reached inside the batch and their waits."""
+    from bot.platforms.admission import admit_many
+
+    kw = dict(user_burst=3, user_burst_seconds=60, user_hourly=5, guild_hourly=6, channel_hourly=4, queue_cap=12)
+    for q in (queue, twin_queue):  # history: u1 has 2 requests from 30 s ago
+        for i in range(2):
+            admit(q, _event(100 + i), max_chars=280, checks=[_limiter(q, clock, **kw)])
+    clock.advance(30)
+    events = [_event(i, user=f"u{i % 3}", guild="g1" if i % 2 else None, channel=f"c{i % 4}" if i % 2 else None)
+              for i in range(16)] + [_event(99, user="u1", guild="g2", channel="c9")]
+    one = [admit(queue, e, max_chars=280, checks=[_limiter(queue, clock, **kw)]) for e in events]
+    many = admit_many(twin_queue, events, max_chars=280, checks=[_limiter(twin_queue, clock, **kw)])
+    assert [(a.accepted, a.refusal) for a in many] == [(a.accepted, a.refusal) for a in one]
+    refusals = {a.refusal for a in many if not a.accepted}
+    assert "please try again in 30 seconds" in " ".join(refusals)  # u1's stored burst leaves at t=60
+    assert LimitsConfig().busy_message in refusals  # the queue cap, reached inside the batch
+
+
+def test_a_batch_counts_its_own_requests(queue: Queue, clock) -> None:
+    from bot.platforms.admission import admit_many
+
+    lim = _limiter(queue, clock, user_burst=3, user_burst_seconds=60, user_hourly=0)
+    got = admit_many(queue, [_event(i) for i in range(5)], max_chars=280, checks=[lim])
+    assert [a.accepted for a in got] == [True, True, True, False, False]
+    assert "please try again in 60 seconds" in got[3].refusal  # the batch's own first request frees the slot

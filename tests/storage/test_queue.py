@@ -256,3 +256,46 @@ def test_cursors(queue: Queue) -> None:
     queue.set_cursor("x:mentions", "100")
     queue.set_cursor("x:mentions", "250")
     assert queue.get_cursor("x:mentions") == "250"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_enqueue_many_decides_as_one_by_one(queue: Queue, twin_queue: Queue, seed: int) -> None:
+    """A batch (one transaction; one statement on PostgreSQL) stores what enqueueing the same requests
+    one after another stores: ids in order, fair-share slots, duplicates (stored before, or twice in
+    the batch) returned with created=False, a banned user's requests rejected, intake decisions kept."""
+    import random
+
+    rng = random.Random(seed)
+    for q in (queue, twin_queue):  # the same history on both: a few stored requests, a banned user
+        for i in range(5):
+            q.enqueue(new(f"old{i}", user=f"u{i % 3}"))
+        q.claim("w", 2)
+        q.set_ban("local:u4", True, actor="moderator:test")
+    decisions = [(Status.QUEUED, None)] * 6 + [(Status.REJECTED, "filtered"), (Status.HELD, "needs review")]
+    items = []
+    for i in range(40):
+        ext = rng.choice([f"new{i}", f"new{i}", f"new{i}", f"old{rng.randrange(5)}", f"new{rng.randrange(i + 1)}"])
+        status, reason = rng.choice(decisions)
+        items.append((new(ext, user=f"u{rng.randrange(6)}", prompt=f"p{i}"), status, reason))
+
+    one_by_one = [queue.enqueue(n, status=s, reason=r) for n, s, r in items]
+    batch = twin_queue.enqueue_many(items)
+
+    def shape(results):  # type: ignore[no-untyped-def]
+        return [(r.created, r.request.id, r.request.external_id, r.request.author_id, r.request.prompt,
+                 r.request.status, r.request.error, r.request.slot) for r in results]
+
+    assert shape(batch) == shape(one_by_one)
+    assert any(not r.created for r in batch) and any(r.request.error == "user is banned" for r in batch)
+    assert queue.stats() == twin_queue.stats()
+    # the same serving order, and one "received" entry per stored request in both queue logs
+    assert [c.ids for c in (queue.claim("w", 100),)] == [c.ids for c in (twin_queue.claim("w", 100),)]
+    for r in batch:
+        assert [a.action for a in twin_queue.audit(r.request.id)][:1] == ["received"]
+
+
+def test_enqueue_many_of_nothing_and_bad_status(queue: Queue) -> None:
+    assert queue.enqueue_many([]) == []
+    with pytest.raises(ValueError, match="cannot store a request as posted"):
+        queue.enqueue_many([(new("m1"), Status.QUEUED, None), (new("m2"), Status.POSTED, None)])
+    assert queue.stats().get("queued", 0) == 0  # nothing of a refused batch was stored
