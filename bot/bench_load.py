@@ -11,13 +11,15 @@
 Reported: intake rate (mentions stored per second, from the first poll to the last stored),
 drain rate (images per second, from the first claim to the last reply), mention-to-reply latency
 (p50/p95, from the mention's creation on the fake X to its reply's), peak memory (max RSS) of each
-process, the number of empty claims a worker made while requests were waiting in the queue, and
+process, the number of empty claims a worker made while a request waited in the queue (the same
+request queued before and after the claim), the delay from a mention's creation to its request being stored, and
 whether every mention got exactly one reply. The NSFW classifier is off in this benchmark (it
 would add its own time per image; see docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import multiprocessing as mp
 import queue as queue_mod
 import resource
@@ -45,6 +47,8 @@ def _x_config(base_url: str, creds: dict[str, str]):  # type: ignore[no-untyped-
 
 def _worker(i: int, url: str, base_url: str, creds: dict[str, str], images: str, batch: int,
             start: Any, stop: Any, out: Any) -> None:
+    import sqlalchemy as sa
+
     from bot.model import PipelineGenerator
     from bot.platforms.x import XPlatform
     from bot.worker import Worker
@@ -60,16 +64,22 @@ def _worker(i: int, url: str, base_url: str, creds: dict[str, str], images: str,
     start.wait()
     first_claim = last_post = None
     idle_while_waiting = 0
+    def oldest_waiting() -> int | None:
+        with queue.db.read.connect() as conn:
+            return conn.execute(sa.text("SELECT min(id) FROM requests WHERE status = 'queued' AND run_at <= :now"),
+                                {"now": queue.clock()}).scalar_one()
+
     while not stop.is_set():
+        waiting = oldest_waiting()
         n = worker.generate_batch()
         if n and first_claim is None:
             first_claim = time.time()
+        if not n and waiting is not None and oldest_waiting() == waiting:
+            idle_while_waiting += 1  # a request waited through a claim that got nothing
         m = worker.deliver_batch()
         if m:
             last_post = time.time()
         if not n and not m:
-            if queue.pending_work()["queued_now"]:
-                idle_while_waiting += 1
             time.sleep(0.05)
     out.put({"worker": i, "generated": worker.stats.generated, "posted": worker.stats.posted,
              "first_claim": first_claim, "last_post": last_post, "idle_while_waiting": idle_while_waiting,
@@ -164,15 +174,20 @@ def bench_load(mentions: int, workers: int, batch: int, n_images: int, rate: int
             last = max(r["last_post"] for r in results if r["last_post"])
             images = sum(r["generated"] for r in results) * n_images
             stats = queue.stats()
+            stored_at = {r.external_id: r.created_at.replace(tzinfo=dt.UTC).timestamp()
+                         for r in queue.list(platform="x", limit=mentions + 10)}
+            delays = sorted(stored_at[m.id] - m.created_at for m in burst if m.id in stored_at)
         db.dispose()
     finally:
         drop()
     q = statistics.quantiles(lat, n=100) if len(lat) >= 2 else [float("nan")] * 99
+    qi = statistics.quantiles(delays, n=100) if len(delays) >= 2 else [float("nan")] * 99
     click.echo(f"\n{mentions} mentions, {workers} worker processes (batch {batch}, {n_images} images each), "
                "PostgreSQL, shipped shapes model, NSFW check off")
     click.echo("| metric | value |\n|---|---|")
     click.echo(f"| burst | {mentions} mentions offered at {rate}/s |")
     click.echo(f"| intake | {stored / t_intake:,.0f} mentions/s ({stored} stored in {t_intake:.1f} s from the first mention) |")
+    click.echo(f"| mention-to-stored delay | p50 {qi[49]:.2f} s, p95 {qi[94]:.2f} s, max {max(delays, default=0):.2f} s |")
     click.echo(f"| drain | {images / (last - first):,.1f} images/s ({images} images in {last - first:.1f} s) |")
     click.echo(f"| mention-to-reply latency | p50 {q[49]:.1f} s, p95 {q[94]:.1f} s |")
     for r in sorted(results, key=lambda r: r["worker"]):

@@ -277,37 +277,20 @@ class Queue:
         now = self.clock()
         token = secrets.token_hex(16)
         expires = now + dt.timedelta(seconds=self.policy.lease_seconds)
-        pick = (
-            select(R.c.id)
-            .where(R.c.status == S.QUEUED.value, R.c.run_at <= now)
-            .order_by(R.c.priority, R.c.slot, R.c.id)
-            .limit(limit)
-        )
-        values = dict(
-            status=S.RUNNING.value,
-            attempts=R.c.attempts + 1,
-            lease_owner=owner,
-            lease_token=token,
-            lease_expires_at=expires,
-            started_at=now,
-            updated_at=now,
-        )
         with self._write(single=True) as conn:
             if self.db.is_sqlite:
-                stmt = update(R).where(R.c.id.in_(pick.scalar_subquery())).values(**values)
-            else:
-                # id = ANY(ARRAY(...)): the picked ids become one array (an init plan), so the UPDATE
-                # reaches them through the primary key instead of joining against the whole table.
-                locked = pick.with_for_update(skip_locked=True).subquery("pick")
-                stmt = update(R).where(
-                    R.c.id == func.any(func.array(select(locked.c.id).scalar_subquery()))
-                ).values(**values)
-            rows = self._update_audited(
-                conn, stmt, actor=f"worker:{owner}", action="claimed", from_status=S.QUEUED.value,
-                to_status=S.RUNNING.value,
-                reason=lambda r: (sa.literal("attempt ") + sa.cast(r.attempts, sa.String))
-                if isinstance(r, sa.sql.ColumnCollection) else f"attempt {r.attempts}",
-            )
+                pick = (select(R.c.id).where(R.c.status == S.QUEUED.value, R.c.run_at <= now)
+                        .order_by(R.c.priority, R.c.slot, R.c.id).limit(limit))
+                stmt = update(R).where(R.c.id.in_(pick.scalar_subquery())).values(
+                    status=S.RUNNING.value, attempts=R.c.attempts + 1, lease_owner=owner, lease_token=token,
+                    lease_expires_at=expires, started_at=now, updated_at=now)
+                rows = self._update_audited(
+                    conn, stmt, actor=f"worker:{owner}", action="claimed", from_status=S.QUEUED.value,
+                    to_status=S.RUNNING.value, reason=lambda r: f"attempt {r.attempts}",
+                )
+            else:  # the hot path of every worker: one prepared statement, built once
+                rows = [RequestRecord.from_row(r) for r in conn.execute(_PG_CLAIM, dict(
+                    owner=owner, token=token, expires=expires, now=now, limit=limit, actor=f"worker:{owner}"))]
             recs = sorted(rows, key=lambda r: (r.priority, r.slot, r.id))
         return Claim(owner=owner, token=token, expires_at=expires, requests=tuple(recs))
 
@@ -385,17 +368,16 @@ class Queue:
         clear = dict(status=S.GENERATED.value, lease_owner=None, lease_token=None, lease_expires_at=None,
                      error=None, updated_at=now)
         fence = (R.c.status == S.RUNNING.value, R.c.lease_token == claim.token)
-        if self.db.is_sqlite:
-            paths = sa.case(*[(R.c.id == rid, sa.literal(list(p), sa.JSON)) for rid, p in results.items()])
-            stmt = update(R).where(R.c.id.in_(list(results)), *fence).values(image_paths=paths, **clear)
-        else:  # fixed statement shape (two array parameters), whatever the batch size
-            from sqlalchemy.dialects.postgresql import ARRAY
-
-            v = select(
-                func.unnest(sa.literal(list(results), ARRAY(sa.BigInteger))).label("id"),
-                func.unnest(sa.literal([json.dumps(list(p)) for p in results.values()], ARRAY(sa.Text))).label("paths"),
-            ).subquery("v")
-            stmt = update(R).where(R.c.id == v.c.id, *fence).values(image_paths=sa.cast(v.c.paths, sa.JSON), **clear)
+        if not self.db.is_sqlite:  # one prepared statement, whatever the batch size
+            with self._write(single=True) as conn:
+                return [row.id for row in conn.execute(_PG_COMPLETE, dict(
+                    ids=list(results), paths=[json.dumps(list(p)) for p in results.values()], now=now,
+                    token=claim.token, actor=f"worker:{claim.owner}"))]
+        clear = dict(status=S.GENERATED.value, lease_owner=None, lease_token=None, lease_expires_at=None,
+                     error=None, updated_at=now)
+        paths = sa.case(*[(R.c.id == rid, sa.literal(list(p), sa.JSON)) for rid, p in results.items()])
+        stmt = update(R).where(R.c.id.in_(list(results)), R.c.status == S.RUNNING.value,
+                               R.c.lease_token == claim.token).values(image_paths=paths, **clear)
         with self._write(single=True) as conn:
             return self._update_audited(conn, stmt, actor=f"worker:{claim.owner}", action="generated",
                                         from_status=S.RUNNING.value, to_status=S.GENERATED.value, ids_only=True)
@@ -826,3 +808,35 @@ ON CONFLICT (platform, platform_user_id) DO UPDATE SET
 RETURNING banned, next_slot""").bindparams(sa.bindparam("now", type_=sa.DateTime()))
 _SQLITE_INSERT = insert(R).returning(*R.c)
 _AUDIT_INSERT = insert(A)
+
+
+# A worker's claim on PostgreSQL (:meth:`Queue.claim`): the picked ids become one array (an init
+# plan, FOR UPDATE SKIP LOCKED), so the UPDATE reaches them through the primary key; the audit rows
+# are written by a CTE over the UPDATE's RETURNING. One round trip, prepared after a few uses.
+_PG_CLAIM = sa.text("""
+WITH upd AS (
+    UPDATE requests SET status = 'running', attempts = attempts + 1, lease_owner = :owner, lease_token = :token,
+        lease_expires_at = :expires, started_at = :now, updated_at = :now
+    WHERE id = ANY(ARRAY(
+        SELECT id FROM requests WHERE status = 'queued' AND run_at <= :now
+        ORDER BY priority, slot, id LIMIT :limit FOR UPDATE SKIP LOCKED))
+    RETURNING *
+), audit AS (
+    INSERT INTO audit_log (request_id, actor, action, from_status, to_status, reason, created_at)
+    SELECT id, :actor, 'claimed', 'queued', 'running', 'attempt ' || attempts, :now FROM upd
+)
+SELECT * FROM upd""").bindparams(sa.bindparam("now", type_=sa.DateTime()), sa.bindparam("expires", type_=sa.DateTime()))
+
+# Generated results on PostgreSQL (:meth:`Queue.complete_many`), fenced by the claim's lease token.
+_PG_COMPLETE = sa.text("""
+WITH v AS (SELECT unnest(CAST(:ids AS bigint[])) AS id, unnest(CAST(:paths AS text[])) AS paths),
+upd AS (
+    UPDATE requests r SET image_paths = CAST(v.paths AS json), status = 'generated', lease_owner = NULL,
+        lease_token = NULL, lease_expires_at = NULL, error = NULL, updated_at = :now
+    FROM v WHERE r.id = v.id AND r.status = 'running' AND r.lease_token = :token
+    RETURNING r.id
+), audit AS (
+    INSERT INTO audit_log (request_id, actor, action, from_status, to_status, created_at)
+    SELECT id, :actor, 'generated', 'running', 'generated', :now FROM upd
+)
+SELECT id FROM upd""").bindparams(sa.bindparam("now", type_=sa.DateTime()))
