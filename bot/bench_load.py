@@ -88,7 +88,8 @@ def _worker(i: int, url: str, base_url: str, creds: dict[str, str], images: str,
 
 @click.command()
 @click.option("--mentions", type=int, default=2000, show_default=True)
-@click.option("--workers", type=int, default=4, show_default=True)
+@click.option("--workers", type=int, default=4, show_default=True,
+              help="Worker processes (0: intake only, to measure how fast the poller stores a burst).")
 @click.option("--batch", type=int, default=8, show_default=True, help="Requests per claim (one decoder batch).")
 @click.option("--images", "n_images", type=int, default=4, show_default=True, help="Images per request.")
 @click.option("--rate", type=int, default=200, show_default=True, help="Mentions per second in the burst.")
@@ -121,8 +122,9 @@ def bench_load(mentions: int, workers: int, batch: int, n_images: int, rate: int
                                                        start, stop, out)) for i in range(workers)]
             for p in procs:
                 p.start()
-            click.echo(f"{workers} workers loading the model...", err=True)
-            time.sleep(5)
+            if workers:
+                click.echo(f"{workers} workers loading the model...", err=True)
+                time.sleep(5)
             users = [fake.add_user(f"user{i}") for i in range(max(1, mentions // 2))]
             shapes = ["circle", "square", "triangle", "star"]
             colours = ["red", "orange", "yellow", "green", "blue", "purple"]
@@ -170,8 +172,8 @@ def bench_load(mentions: int, workers: int, batch: int, n_images: int, rate: int
             once = sum(1 for r in replies.values() if len(r) == 1)
             twice = sum(1 for r in replies.values() if len(r) > 1)
             lat = sorted(r[0].created_at - m.created_at for m in burst if (r := replies[m.id]))
-            first = min(r["first_claim"] for r in results if r["first_claim"])
-            last = max(r["last_post"] for r in results if r["last_post"])
+            first = min((r["first_claim"] for r in results if r["first_claim"]), default=0.0)
+            last = max((r["last_post"] for r in results if r["last_post"]), default=0.0)
             images = sum(r["generated"] for r in results) * n_images
             stats = queue.stats()
             stored_at = {r.external_id: r.created_at.replace(tzinfo=dt.UTC).timestamp()
@@ -188,13 +190,15 @@ def bench_load(mentions: int, workers: int, batch: int, n_images: int, rate: int
     click.echo(f"| burst | {mentions} mentions offered at {rate}/s |")
     click.echo(f"| intake | {stored / t_intake:,.0f} mentions/s ({stored} stored in {t_intake:.1f} s from the first mention) |")
     click.echo(f"| mention-to-stored delay | p50 {qi[49]:.2f} s, p95 {qi[94]:.2f} s, max {max(delays, default=0):.2f} s |")
-    click.echo(f"| drain | {images / (last - first):,.1f} images/s ({images} images in {last - first:.1f} s) |")
-    click.echo(f"| mention-to-reply latency | p50 {q[49]:.1f} s, p95 {q[94]:.1f} s |")
+    if workers:
+        click.echo(f"| drain | {images / (last - first):,.1f} images/s ({images} images in {last - first:.1f} s) |")
+        click.echo(f"| mention-to-reply latency | p50 {q[49]:.1f} s, p95 {q[94]:.1f} s |")
     for r in sorted(results, key=lambda r: r["worker"]):
         click.echo(f"| worker {r['worker']} | {r['generated']} generated, {r['posted']} posted, "
                    f"peak RSS {r['max_rss_mb']:.0f} MB, empty claims while requests waited: "
                    f"{r['idle_while_waiting']} |")
     click.echo(f"| poller (this process) | peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB |")
-    click.echo(f"| replies | {once} mentions answered exactly once, {twice} more than once, "
-               f"{mentions - once - twice} not answered |")
+    if workers:
+        click.echo(f"| replies | {once} mentions answered exactly once, {twice} more than once, "
+                   f"{mentions - once - twice} not answered |")
     click.echo(f"| queue at the end | {dict((k, v) for k, v in stats.items() if v)} |")

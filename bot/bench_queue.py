@@ -32,6 +32,7 @@ PG_DEFAULT = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 @dataclass
 class Result:
+    round: int
     system: str
     backend: str
     workers: int
@@ -40,7 +41,7 @@ class Result:
     complete_per_s: float
 
     def row(self) -> str:
-        return (f"| {self.system} | {self.backend} | {self.workers} | {self.n} | "
+        return (f"| {self.round} | {self.system} | {self.backend} | {self.workers} | {self.n} | "
                 f"{self.enqueue_per_s:,.0f} | {self.complete_per_s:,.0f} |")
 
 
@@ -182,7 +183,7 @@ def run_ours(backend: str, url: str, n: int, workers: int, batch: int) -> Result
     t_drain, counts = _run_parallel(_our_drain, workers, (url, batch))
     if sum(counts) != n:
         raise click.ClickException(f"dallebot drained {sum(counts)} of {n} requests")
-    return Result("dallebot", backend, workers, n, n / t_enq, n / t_drain)
+    return Result(0, "dallebot", backend, workers, n, n / t_enq, n / t_drain)
 
 
 def run_pgqueuer(dsn: str, n: int, workers: int, batch: int) -> Result:
@@ -199,7 +200,7 @@ def run_pgqueuer(dsn: str, n: int, workers: int, batch: int) -> Result:
     t_drain, counts = _run_parallel(_pgq_drain, workers, (dsn, batch))
     if sum(counts) != n:
         raise click.ClickException(f"pgqueuer drained {sum(counts)} of {n} jobs")
-    return Result("pgqueuer", "postgresql", workers, n, n / t_enq, n / t_drain)
+    return Result(0, "pgqueuer", "postgresql", workers, n, n / t_enq, n / t_drain)
 
 
 @click.command()
@@ -208,36 +209,48 @@ def run_pgqueuer(dsn: str, n: int, workers: int, batch: int) -> Result:
 @click.option("--batch", type=int, default=50, show_default=True, help="Requests per claim.")
 @click.option("--pg", "pg_url", default=PG_DEFAULT, show_default=True, help="PostgreSQL server for the runs.")
 @click.option("--skip-pgqueuer", is_flag=True, help="Only dallebot's queue.")
-def bench_queue(n: int, workers: str, batch: int, pg_url: str, skip_pgqueuer: bool) -> None:
+@click.option("--rounds", type=int, default=1, show_default=True,
+              help="Repeat everything, interleaved; the ratios are medians over the rounds.")
+def bench_queue(n: int, workers: str, batch: int, pg_url: str, skip_pgqueuer: bool, rounds: int) -> None:
     """Queue throughput: enqueue, claim and complete on SQLite and PostgreSQL, vs pgqueuer."""
+    import dataclasses
+    import statistics
+
     counts = [int(w) for w in workers.split(",")]
     results: list[Result] = []
     click.echo(f"{n} requests per run, claims of {batch}, cpu count {os.cpu_count()}", err=True)
-    for w in counts:
-        with tempfile.TemporaryDirectory() as tmp:
-            click.echo(f"dallebot sqlite, {w} worker(s)...", err=True)
-            results.append(run_ours("sqlite", f"sqlite:///{tmp}/bench.sqlite3", n, w, batch))
-        url, dsn, drop = _pg_schema(pg_url)
-        try:
-            click.echo(f"dallebot postgresql, {w} worker(s)...", err=True)
-            results.append(run_ours("postgresql", url, n, w, batch))
-        finally:
-            drop()
-        if not skip_pgqueuer:
+    for rnd in range(1, rounds + 1):
+        for w in counts:
+            with tempfile.TemporaryDirectory() as tmp:
+                click.echo(f"round {rnd}: dallebot sqlite, {w} worker(s)...", err=True)
+                results.append(dataclasses.replace(run_ours("sqlite", f"sqlite:///{tmp}/bench.sqlite3", n, w, batch),
+                                                   round=rnd))
             url, dsn, drop = _pg_schema(pg_url)
             try:
-                click.echo(f"pgqueuer postgresql, {w} worker(s)...", err=True)
-                results.append(run_pgqueuer(dsn, n, w, batch))
+                click.echo(f"round {rnd}: dallebot postgresql, {w} worker(s)...", err=True)
+                results.append(dataclasses.replace(run_ours("postgresql", url, n, w, batch), round=rnd))
             finally:
                 drop()
-    click.echo("| system | backend | workers | requests | enqueued/s | completed/s |")
-    click.echo("|---|---|---|---|---|---|")
+            if not skip_pgqueuer:
+                url, dsn, drop = _pg_schema(pg_url)
+                try:
+                    click.echo(f"round {rnd}: pgqueuer postgresql, {w} worker(s)...", err=True)
+                    results.append(dataclasses.replace(run_pgqueuer(dsn, n, w, batch), round=rnd))
+                finally:
+                    drop()
+    click.echo("| round | system | backend | workers | requests | enqueued/s | completed/s |")
+    click.echo("|---|---|---|---|---|---|---|")
     for r in results:
         click.echo(r.row())
     for w in counts:
-        ours = next((r for r in results if r.system == "dallebot" and r.backend == "postgresql" and r.workers == w), None)
-        theirs = next((r for r in results if r.system == "pgqueuer" and r.workers == w), None)
-        if ours and theirs:
+        ratios = []
+        for rnd in range(1, rounds + 1):
+            ours = next((r for r in results if r.system == "dallebot" and r.backend == "postgresql"
+                         and r.workers == w and r.round == rnd), None)
+            theirs = next((r for r in results if r.system == "pgqueuer" and r.workers == w and r.round == rnd), None)
+            if ours and theirs:
+                ratios.append((ours.complete_per_s / theirs.complete_per_s, ours.enqueue_per_s / theirs.enqueue_per_s))
+        if ratios:
             click.echo(f"\n{w} worker(s) on PostgreSQL: dallebot/pgqueuer completed/s = "
-                       f"{ours.complete_per_s / theirs.complete_per_s:.2f}, enqueued/s = "
-                       f"{ours.enqueue_per_s / theirs.enqueue_per_s:.2f}")
+                       f"{statistics.median(c for c, _ in ratios):.2f} (rounds: {', '.join(f'{c:.2f}' for c, _ in ratios)}), "
+                       f"enqueued/s = {statistics.median(e for _, e in ratios):.2f}")

@@ -48,6 +48,7 @@ from storage.records import (
     Claim,
     EnqueueResult,
     NewRequest,
+    REQUEST_FIELDS,
     RequestRecord,
     UserRecord,
     parse_user_ref,
@@ -277,21 +278,21 @@ class Queue:
         now = self.clock()
         token = secrets.token_hex(16)
         expires = now + dt.timedelta(seconds=self.policy.lease_seconds)
-        with self._write(single=True) as conn:
-            if self.db.is_sqlite:
-                pick = (select(R.c.id).where(R.c.status == S.QUEUED.value, R.c.run_at <= now)
-                        .order_by(R.c.priority, R.c.slot, R.c.id).limit(limit))
-                stmt = update(R).where(R.c.id.in_(pick.scalar_subquery())).values(
-                    status=S.RUNNING.value, attempts=R.c.attempts + 1, lease_owner=owner, lease_token=token,
-                    lease_expires_at=expires, started_at=now, updated_at=now)
-                rows = self._update_audited(
-                    conn, stmt, actor=f"worker:{owner}", action="claimed", from_status=S.QUEUED.value,
-                    to_status=S.RUNNING.value, reason=lambda r: f"attempt {r.attempts}",
-                )
-            else:  # the hot path of every worker: one prepared statement, built once
-                rows = [RequestRecord.from_row(r) for r in conn.execute(_PG_CLAIM, dict(
-                    owner=owner, token=token, expires=expires, now=now, limit=limit, actor=f"worker:{owner}"))]
+        if not self.db.is_sqlite:  # the hot path of every worker
+            rows = [RequestRecord.from_tuple(r) for r in self.db.run_prepared(_PG_CLAIM, dict(
+                owner=owner, token=token, expires=expires, now=now, limit=limit, actor=f"worker:{owner}"))]
             recs = sorted(rows, key=lambda r: (r.priority, r.slot, r.id))
+            return Claim(owner=owner, token=token, expires_at=expires, requests=tuple(recs))
+        pick = (select(R.c.id).where(R.c.status == S.QUEUED.value, R.c.run_at <= now)
+                .order_by(R.c.priority, R.c.slot, R.c.id).limit(limit))
+        stmt = update(R).where(R.c.id.in_(pick.scalar_subquery())).values(
+            status=S.RUNNING.value, attempts=R.c.attempts + 1, lease_owner=owner, lease_token=token,
+            lease_expires_at=expires, started_at=now, updated_at=now)
+        with self._write(single=True) as conn:
+            rows = self._update_audited(conn, stmt, actor=f"worker:{owner}", action="claimed",
+                                        from_status=S.QUEUED.value, to_status=S.RUNNING.value,
+                                        reason=lambda r: f"attempt {r.attempts}")
+        recs = sorted(rows, key=lambda r: (r.priority, r.slot, r.id))
         return Claim(owner=owner, token=token, expires_at=expires, requests=tuple(recs))
 
     def renew(self, claim: Claim) -> set[int]:
@@ -369,10 +370,9 @@ class Queue:
                      error=None, updated_at=now)
         fence = (R.c.status == S.RUNNING.value, R.c.lease_token == claim.token)
         if not self.db.is_sqlite:  # one prepared statement, whatever the batch size
-            with self._write(single=True) as conn:
-                return [row.id for row in conn.execute(_PG_COMPLETE, dict(
-                    ids=list(results), paths=[json.dumps(list(p)) for p in results.values()], now=now,
-                    token=claim.token, actor=f"worker:{claim.owner}"))]
+            return [row[0] for row in self.db.run_prepared(_PG_COMPLETE, dict(
+                ids=list(results), paths=[json.dumps(list(p)) for p in results.values()], now=now,
+                token=claim.token, actor=f"worker:{claim.owner}"))]
         clear = dict(status=S.GENERATED.value, lease_owner=None, lease_token=None, lease_expires_at=None,
                      error=None, updated_at=now)
         paths = sa.case(*[(R.c.id == rid, sa.literal(list(p), sa.JSON)) for rid, p in results.items()])
@@ -812,31 +812,34 @@ _AUDIT_INSERT = insert(A)
 
 # A worker's claim on PostgreSQL (:meth:`Queue.claim`): the picked ids become one array (an init
 # plan, FOR UPDATE SKIP LOCKED), so the UPDATE reaches them through the primary key; the audit rows
-# are written by a CTE over the UPDATE's RETURNING. One round trip, prepared after a few uses.
-_PG_CLAIM = sa.text("""
+# are written by a CTE over the UPDATE's RETURNING. One round trip, a prepared statement, run by the
+# driver (:meth:`storage.db.Database.run_prepared`); JSON columns come back as text.
+_PG_RETURNING = ", ".join(f"{name}::text" if name in ("options", "image_paths", "nsfw_scores") else name
+                          for name in REQUEST_FIELDS)
+_PG_CLAIM = f"""
 WITH upd AS (
-    UPDATE requests SET status = 'running', attempts = attempts + 1, lease_owner = :owner, lease_token = :token,
-        lease_expires_at = :expires, started_at = :now, updated_at = :now
+    UPDATE requests SET status = 'running', attempts = attempts + 1, lease_owner = %(owner)s,
+        lease_token = %(token)s, lease_expires_at = %(expires)s, started_at = %(now)s, updated_at = %(now)s
     WHERE id = ANY(ARRAY(
-        SELECT id FROM requests WHERE status = 'queued' AND run_at <= :now
-        ORDER BY priority, slot, id LIMIT :limit FOR UPDATE SKIP LOCKED))
-    RETURNING *
+        SELECT id FROM requests WHERE status = 'queued' AND run_at <= %(now)s
+        ORDER BY priority, slot, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED))
+    RETURNING {_PG_RETURNING}
 ), audit AS (
     INSERT INTO audit_log (request_id, actor, action, from_status, to_status, reason, created_at)
-    SELECT id, :actor, 'claimed', 'queued', 'running', 'attempt ' || attempts, :now FROM upd
+    SELECT id, %(actor)s, 'claimed', 'queued', 'running', 'attempt ' || attempts, %(now)s FROM upd
 )
-SELECT * FROM upd""").bindparams(sa.bindparam("now", type_=sa.DateTime()), sa.bindparam("expires", type_=sa.DateTime()))
+SELECT * FROM upd"""
 
 # Generated results on PostgreSQL (:meth:`Queue.complete_many`), fenced by the claim's lease token.
-_PG_COMPLETE = sa.text("""
-WITH v AS (SELECT unnest(CAST(:ids AS bigint[])) AS id, unnest(CAST(:paths AS text[])) AS paths),
+_PG_COMPLETE = """
+WITH v AS (SELECT unnest(%(ids)s::bigint[]) AS id, unnest(%(paths)s::text[]) AS paths),
 upd AS (
-    UPDATE requests r SET image_paths = CAST(v.paths AS json), status = 'generated', lease_owner = NULL,
-        lease_token = NULL, lease_expires_at = NULL, error = NULL, updated_at = :now
-    FROM v WHERE r.id = v.id AND r.status = 'running' AND r.lease_token = :token
+    UPDATE requests r SET image_paths = v.paths::json, status = 'generated', lease_owner = NULL,
+        lease_token = NULL, lease_expires_at = NULL, error = NULL, updated_at = %(now)s
+    FROM v WHERE r.id = v.id AND r.status = 'running' AND r.lease_token = %(token)s
     RETURNING r.id
 ), audit AS (
     INSERT INTO audit_log (request_id, actor, action, from_status, to_status, created_at)
-    SELECT id, :actor, 'generated', 'running', 'generated', :now FROM upd
+    SELECT id, %(actor)s, 'generated', 'running', 'generated', %(now)s FROM upd
 )
-SELECT id FROM upd""").bindparams(sa.bindparam("now", type_=sa.DateTime()))
+SELECT id FROM upd"""

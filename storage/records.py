@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,6 +84,17 @@ class RequestRecord:
         values["image_paths"] = list(values["image_paths"] or [])
         values["nsfw_scores"] = list(values["nsfw_scores"] or [])
         return cls(**values)
+
+    @classmethod
+    def from_tuple(cls, values: tuple[Any, ...]) -> RequestRecord:
+        """From a row of :data:`REQUEST_FIELDS` in order, its JSON columns still as text (the
+        driver-level hot path: see :meth:`storage.db.Database.run_prepared`)."""
+        rec = dict(zip(REQUEST_FIELDS, values, strict=True))
+        rec["status"] = Status(rec["status"])
+        rec["options"] = _json(rec["options"]) or {}
+        rec["image_paths"] = _json(rec["image_paths"]) or []
+        rec["nsfw_scores"] = _json(rec["nsfw_scores"]) or []
+        return cls(**rec)
 
     @property
     def user_ref(self) -> str:
@@ -179,3 +191,16 @@ class EnqueueResult:
 
 
 _REQUEST_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RequestRecord))
+#: The request columns in :class:`RequestRecord`'s order (:meth:`RequestRecord.from_tuple`).
+REQUEST_FIELDS = _REQUEST_FIELDS
+
+
+def _json(text: str | None) -> Any:
+    """A JSON column read as text; the empty list and object (most of them) without a parse."""
+    if text is None:
+        return None
+    if text == "[]":
+        return []
+    if text == "{}":
+        return {}
+    return json.loads(text)

@@ -104,3 +104,36 @@ def test_service_rides_out_a_postgres_restart(pg_schema_url: str, tmp_path: Path
     assert 1 <= len(outage_lines) <= 3  # logged when it happens, not once a second
     assert all(app.queue.get(i).status == Status.POSTED for i in ids)
     app.close()
+
+
+def test_a_killed_connection_on_the_prepared_hot_path_is_an_outage_then_recovers(pg_schema_url: str) -> None:
+    """claim and complete_many run through the driver (prepared statements): a connection the server
+    dropped surfaces as DatabaseUnavailable, is thrown away, and the next call works on a new one."""
+    import psycopg
+    import pytest
+
+    from storage.errors import DatabaseUnavailable
+    from storage.records import NewRequest
+    from tests.conftest import pg_dsn
+
+    db = dbmod.connect(pg_schema_url)
+    dbmod.upgrade(db)
+    queue = Queue(db)
+    try:
+        for i in range(3):
+            queue.enqueue(NewRequest("local", f"m{i}", "u", "a red circle", "a red circle"))
+        first = queue.claim("w", 1)
+        assert len(first) == 1 and first.requests[0].options == {} and first.requests[0].image_paths == []
+        with db.single.connect() as conn:
+            pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+        with psycopg.connect(pg_dsn(), autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        time.sleep(0.2)
+        with pytest.raises(DatabaseUnavailable, match="lost the database"):
+            queue.claim("w", 1)
+        second = queue.claim("w", 2)  # a fresh connection
+        assert len(second) == 2
+        assert queue.complete_many(second, {r.id: [f"{r.id}.png"] for r in second.requests}) == second.ids
+        assert queue.get(second.ids[0]).image_paths == [f"{second.ids[0]}.png"]
+    finally:
+        db.dispose()
