@@ -75,12 +75,6 @@ class Request(Base):
             postgresql_where=text("status = 'queued'"),
             sqlite_where=text("status = 'queued'"),
         ),
-        Index(
-            "ix_requests_lease",
-            "lease_expires_at",
-            postgresql_where=text("status IN ('running', 'posting')"),
-            sqlite_where=text("status IN ('running', 'posting')"),
-        ),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -144,7 +138,9 @@ class AuditEntry(Base):
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    request_id: Mapped[int | None] = mapped_column(ForeignKey("requests.id", ondelete="CASCADE"))
+    # No foreign key: the log is append-only, written in the same statement as the change it records,
+    # and requests are never deleted (migration 0004 says why the check went).
+    request_id: Mapped[int | None] = mapped_column(BigId)
     user_ref: Mapped[str | None] = mapped_column(String(160))  # "platform:id" for user actions
     actor: Mapped[str] = mapped_column(String(160))  # "worker:<id>", "moderator:<name>", "intake:x", ...
     action: Mapped[str] = mapped_column(String(32))

@@ -89,12 +89,12 @@ class RequestRecord:
     def from_tuple(cls, values: tuple[Any, ...]) -> RequestRecord:
         """From a row of :data:`REQUEST_FIELDS` in order, its JSON columns still as text (the
         driver-level hot path: see :meth:`storage.db.Database.run_prepared`)."""
-        rec = dict(zip(REQUEST_FIELDS, values, strict=True))
-        rec["status"] = Status(rec["status"])
-        rec["options"] = _json(rec["options"]) or {}
-        rec["image_paths"] = _json(rec["image_paths"]) or []
-        rec["nsfw_scores"] = _json(rec["nsfw_scores"]) or []
-        return cls(**rec)
+        rec = list(values)
+        rec[_STATUS] = Status(rec[_STATUS])
+        rec[_OPTIONS] = _json(rec[_OPTIONS]) or {}
+        rec[_IMAGES] = _json(rec[_IMAGES]) or []
+        rec[_SCORES] = _json(rec[_SCORES]) or []
+        return cls(*rec)
 
     @property
     def user_ref(self) -> str:
@@ -193,6 +193,7 @@ class EnqueueResult:
 _REQUEST_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RequestRecord))
 #: The request columns in :class:`RequestRecord`'s order (:meth:`RequestRecord.from_tuple`).
 REQUEST_FIELDS = _REQUEST_FIELDS
+_STATUS, _OPTIONS, _IMAGES, _SCORES = (REQUEST_FIELDS.index(n) for n in ("status", "options", "image_paths", "nsfw_scores"))
 
 
 def _json(text: str | None) -> Any:

@@ -2,6 +2,8 @@
 
 Modes:
   drain  URL OWNER BATCH           claim and complete until nothing is left; print processed ids
+  drain-together URL OWNER BATCH  the same, after printing "ready" and reading a line from stdin
+                                  (so several processes start draining at the same moment)
   hang   URL OWNER BATCH LEASE     claim one batch, print its ids, then sleep forever (to be SIGKILLed)
 """
 
@@ -24,6 +26,10 @@ def main() -> None:
         print(json.dumps(claim.ids), flush=True)
         time.sleep(3600)
         return
+    if mode == "drain-together":
+        q.stats()  # connected
+        print("ready", flush=True)
+        sys.stdin.readline()
     done: list[int] = []
     idle = 0
     while idle < 3:

@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def _spawn(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "tests.storage.claimer", *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _fill(url: str, n: int, users: int) -> list[int]:
@@ -37,7 +37,12 @@ def _fill(url: str, n: int, users: int) -> list[int]:
 @pytest.mark.slow
 def test_four_processes_process_each_of_2000_requests_exactly_once(pg_schema_url: str) -> None:
     ids = _fill(pg_schema_url, 2000, users=37)
-    procs = [_spawn("drain", pg_schema_url, f"w{i}", "25") for i in range(4)]
+    procs = [_spawn("drain-together", pg_schema_url, f"w{i}", "25") for i in range(4)]
+    for p in procs:  # all four connected: start them at once (a late starter would find nothing left)
+        assert p.stdout.readline().strip() == "ready"  # type: ignore[union-attr]
+    for p in procs:
+        p.stdin.write("go\n")  # type: ignore[union-attr]
+        p.stdin.flush()  # type: ignore[union-attr]
     results = []
     for p in procs:
         out, err = p.communicate(timeout=240)
