@@ -11,6 +11,8 @@ SQLite and PostgreSQL and across processes:
 * :func:`audit` — one row in the queue log for adapter events that are not state changes (a refusal
   posted or skipped, a position message that could not be edited).
 * :func:`throughput` — requests generated per second, measured from the queue log, for ETAs.
+* :func:`owed_refusals` — refused requests whose refusal reply has no outcome in the queue log yet
+  (the process died between storing the request and replying): the X poller sends them late.
 """
 
 from __future__ import annotations
@@ -24,10 +26,15 @@ import sqlalchemy as sa
 from sqlalchemy import func, insert, select, update
 
 from storage.db import Database
-from storage.models import AuditEntry, Cursor, utcnow
+from storage.models import AuditEntry, Cursor, Request, utcnow
+from storage.records import RequestRecord
 
 C = Cursor.__table__
 A = AuditEntry.__table__
+R = Request.__table__
+
+#: Queue-log actions that settle a refused request's reply (sent, or decided not to be sent).
+REFUSAL_OUTCOMES = ("refusal_posted", "refusal_skipped", "refusal_failed")
 
 _CAS_TRIES = 20
 
@@ -189,3 +196,19 @@ def throughput(db: Database, *, window: float = 3600.0, clock: Callable[[], dt.d
     # but never shorter than a minute, so one quick batch does not promise miracles.
     span = max(60.0, (clock() - first).total_seconds())
     return n / span
+
+
+def owed_refusals(db: Database, platform: str, *, since: dt.datetime, before: dt.datetime,
+                  limit: int = 20) -> list[RequestRecord]:
+    """Requests of ``platform`` refused (status ``rejected``) between ``since`` and ``before`` whose
+    queue log has no refusal outcome: their reply is still owed. Oldest first."""
+    from storage.states import Status
+
+    settled = select(A.c.id).where(A.c.request_id == R.c.id, A.c.action.in_(REFUSAL_OUTCOMES)).exists()
+    with db.read.connect() as conn:
+        rows = conn.execute(
+            select(R).where(R.c.created_at >= since, R.c.created_at < before, R.c.platform == platform,
+                            R.c.status == Status.REJECTED.value, ~settled)
+            .order_by(R.c.id).limit(limit)
+        ).all()
+    return [RequestRecord.from_row(r) for r in rows]

@@ -14,7 +14,11 @@ Intake (``poll``; ``dallebot serve`` runs it every ``[x] poll_interval`` seconds
     * The prompt is the displayed text without the leading @mentions and URLs
       (:func:`bot.platforms.text.extract_x_prompt`). Refused mentions (empty, too long, no words,
       paused, banned, daily budget spent) are stored as ``rejected`` and get one friendly reply,
-      within ``[x] daily_refusal_budget`` and only when this poll stored them.
+      within ``[x] daily_refusal_budget`` and only when this poll stored them. A refusal whose
+      outcome never reached the queue log (the poller died in between, or posting was rate-limited)
+      stays owed: the poller sends it at a later round, once (:func:`storage.platform_state.owed_refusals`).
+    * A page of mentions is admitted at once (:func:`bot.platforms.admission.admit_many`): one
+      enqueue statement on PostgreSQL, rate limits decided from one query per kind of limit.
 
 Delivery (the worker, in a thread)
     One reply to the mention with the images: a 2x2 grid by default (one upload), or up to 4 photos.
@@ -32,6 +36,7 @@ Rate limits
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import socket
@@ -48,10 +53,10 @@ from PIL import Image
 
 from bot.config import XConfig
 from bot.platforms import text as texts
-from bot.platforms.admission import Admission, BatchCheck, Check, IntakeEvent, admit_many
+from bot.platforms.admission import BatchCheck, Check, IntakeEvent, admit_many
 from bot.platforms.base import Delivery, DeliveryError
 from bot.x_media import upload_image_for_client
-from storage.platform_state import DailyCounter, Lease, audit
+from storage.platform_state import DailyCounter, Lease, audit, owed_refusals
 from storage.queue import Queue
 from storage.records import RequestRecord
 
@@ -62,6 +67,8 @@ LEASE = "x:poller"
 POST_BUDGET = "x:budget:posts"
 REFUSAL_BUDGET = "x:budget:refusals"
 MAX_IMAGE_BYTES = 5 * 1024 * 1024
+#: How far back a restarted poller looks for refusals that were stored but never answered (seconds).
+REFUSAL_RECOVERY_WINDOW = 3600
 #: Mentions stored per transaction (one statement on PostgreSQL): a page of the mentions timeline.
 ADMIT_BATCH = 100
 
@@ -195,6 +202,7 @@ class XPlatform:
         """One round: read new mentions and store them; returns how many new requests were stored."""
         if not self.lease.acquire(self.owner, self.lease_seconds):
             return 0  # another process is the poller
+        self._send_owed_refusals()
         if self.wait_needed("mentions") > 0:
             return 0  # waiting out a rate limit
         try:
@@ -235,7 +243,7 @@ class XPlatform:
             for adm in admit_many(self.queue, events[start:start + ADMIT_BATCH], max_chars=self.max_prompt_chars,
                                   checks=[_PostBudget(self), *self.checks]):
                 if adm.owes_refusal:
-                    self._refuse(adm)
+                    self._refuse(adm.request, adm.refusal)
                 stored += adm.created
         if complete and newest is not None and (since is None or newest > int(since)):
             self.queue.set_cursor(CURSOR, str(newest))
@@ -262,27 +270,39 @@ class XPlatform:
             n_images=self.cfg.images, options={"reply_to": str(tweet.id)},
         )
 
-    def _refuse(self, adm: Admission) -> None:
-        """Reply once to a refused mention, within the daily refusal budget; record what happened."""
-        req = adm.request
+    def _send_owed_refusals(self) -> None:
+        """Refusals a poller stored but did not answer (it died in between): sent late, once.
+        Only requests refused more than a lease ago, so a live poller's own replies are not raced."""
+        if self.wait_needed("post") > 0:
+            return
+        now = self.queue.clock()
+        owed = owed_refusals(self.queue.db, self.name, since=now - dt.timedelta(seconds=REFUSAL_RECOVERY_WINDOW),
+                             before=now - dt.timedelta(seconds=self.lease_seconds))
+        for req in owed:
+            _log.info("X: sending a refusal owed since before a restart", extra={"request_id": req.id})
+            self._refuse(req, texts.refusal_text(req.error))
+            if self.wait_needed("post") > 0:
+                break
+
+    def _refuse(self, req: RequestRecord, message: str | None) -> None:
+        """Reply once to a refused mention, within the daily refusal budget; record what happened.
+        While posting is rate-limited nothing is recorded: the refusal stays owed
+        (:meth:`_send_owed_refusals` sends it once the limit resets)."""
         actor = f"intake:{self.name}"
+        if self.wait_needed("post") > 0:
+            return
         if not self.refusals.take(self.cfg.daily_refusal_budget):
             audit(self.queue.db, request_id=req.id, actor=actor, action="refusal_skipped",
                   reason="daily refusal budget spent", clock=self.queue.clock)
             return
-        if self.wait_needed("post") > 0:
-            audit(self.queue.db, request_id=req.id, actor=actor, action="refusal_skipped",
-                  reason="posting is rate-limited", clock=self.queue.clock)
-            return
         reply_to = str(req.options.get("reply_to") or req.external_id)
         try:
-            resp = self.client.create_tweet(text=texts.x_refusal(adm.refusal or texts.GENERIC_REFUSAL, req.id),
+            resp = self.client.create_tweet(text=texts.x_refusal(message or texts.GENERIC_REFUSAL, req.id),
                                             in_reply_to_tweet_id=reply_to)
         except tweepy.TooManyRequests as exc:
             self._block("post", exc.reset_time)
-            audit(self.queue.db, request_id=req.id, actor=actor, action="refusal_failed", reason="rate-limited",
-                  clock=self.queue.clock)
-            return
+            self.refusals.give_back()
+            return  # still owed
         except (tweepy.TweepyException, requests.RequestException) as exc:
             audit(self.queue.db, request_id=req.id, actor=actor, action="refusal_failed", reason=str(exc)[:500],
                   clock=self.queue.clock)

@@ -150,6 +150,44 @@ def test_duplicated_and_edited_mention_is_one_request(fake: FakeX, x: XPlatform,
 
 
 @BOTH_DATABASES
+def test_a_refusal_lost_in_a_crash_is_sent_after_the_restart_once(fake: FakeX, x: XPlatform, queue: Queue,
+                                                                  xclock: EpochClock, clock: FakeClock,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The poller dies after storing a refused mention and before replying: the next poller finds
+    the refusal still owed in the queue log and sends it, once; a 429 leaves it owed, not dropped."""
+    empty = fake.add_mention(fake.add_user("bob"), "")
+
+    class Crash(BaseException):
+        pass
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise Crash
+
+    monkeypatch.setattr(x, "_refuse", crash)
+    with pytest.raises(Crash):
+        x.poll_once()
+    monkeypatch.undo()
+    assert one_request(queue, empty).status == Status.REJECTED and fake.replies_to(empty) == []
+
+    restarted = make_x(fake, queue, xclock)
+    clock.advance(restarted.lease_seconds + 1)
+    fake.inject_rate_limit("POST /2/tweets", count=1, reset_after=30)  # the first try is rate-limited: still owed
+    restarted.poll_once()
+    assert fake.replies_to(empty) == []
+    assert not [a for a in queue.audit() if a.action.startswith("refusal")]
+    xclock.advance(31)
+    restarted.poll_once()
+    [reply] = fake.replies_to(empty)
+    assert f"(#{one_request(queue, empty).id})" in shown(reply) and not reply.media_keys
+    restarted.poll_once()
+    clock.advance(60)
+    restarted.poll_once()
+    assert len(fake.replies_to(empty)) == 1  # settled: never sent twice
+    assert [a.action for a in queue.audit() if a.action.startswith("refusal")] == ["refusal_posted"]
+    restarted.client.session.close()
+
+
+@BOTH_DATABASES
 def test_restart_mid_poll_repeats_nothing(fake: FakeX, x: XPlatform, worker: Worker, queue: Queue,
                                           xclock: EpochClock, clock: FakeClock,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
