@@ -41,6 +41,8 @@ def secret(default: str = "") -> Any:
 class DataConfig:
     # Folder for the SQLite file, generated images and the local outbox.
     dir: str = "./dallebot-data"
+    # Days a finished request's images are kept (then deleted by the service's prune job); 0: forever.
+    image_retention_days: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)

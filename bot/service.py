@@ -4,6 +4,8 @@ Jobs (APScheduler AsyncIOScheduler, each ``max_instances=1, coalesce=True`` so n
 - ``generate``: claim a batch and generate it, in a worker thread (never on the event loop);
 - ``deliver``: post generated results, in a worker thread;
 - ``reclaim``: return expired leases to the queue;
+- ``prune`` (hourly): delete finished requests' images after ``[data] image_retention_days``, and
+  stale dashboard login records (:mod:`storage.retention`);
 - ``poll-<platform>`` (intake role): one intake round of a polling adapter (X mentions).
 
 Adapters that take events by themselves (:class:`bot.platforms.admission.IntakeSource`: the X poller,
@@ -16,9 +18,11 @@ The web server (uvicorn) serves the dashboard, ``/healthz`` and ``/metrics``.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import signal
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from bot.app import App
@@ -77,6 +81,19 @@ class Service:
         if n:
             _log.info("reclaimed %d expired lease(s)", n)
 
+    def prune_once(self) -> None:
+        from storage.retention import prune
+
+        settings = self.app.settings
+        done = prune(self.app.db, Path(settings.images_dir), image_retention_days=settings.data.image_retention_days,
+                     clock=self.app.queue.clock)
+        if done.requests or done.login_attempts or done.sessions:
+            _log.info("pruned images of %d request(s) (%d files, %.1f MB), %d login attempt(s), %d session(s)",
+                      done.requests, done.files, done.bytes / 1e6, done.login_attempts, done.sessions)
+
+    async def _prune(self) -> None:
+        await self._guarded("prune", self.prune_once)
+
     async def run(self, *, handle_signals: bool = True) -> None:
         from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
@@ -88,6 +105,9 @@ class Service:
             scheduler.add_job(self._generate, "interval", seconds=1, id="generate", **opts)
             scheduler.add_job(self._deliver, "interval", seconds=1, id="deliver", **opts)
             scheduler.add_job(self._reclaim, "interval", seconds=15, id="reclaim", **opts)
+            # old images (and stale login records) once an hour, the first run a minute after start
+            scheduler.add_job(self._prune, "interval", seconds=3600, id="prune",
+                              next_run_time=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=60), **opts)
         # Platform adapters that take events by themselves (X poller, Discord gateway): started on
         # this loop; a worker-only process starts them for delivery only (no polling, no gateway).
         from bot.platforms.admission import IntakeSource
