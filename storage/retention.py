@@ -88,13 +88,17 @@ def prune(db: Database, images_dir: Path, *, image_retention_days: float, batch:
                 n_bytes += size
         if rows:
             ids = [row.id for row in rows]
-            with db.write.begin() as conn:
-                conn.execute(update(R).where(R.c.id.in_(ids)).values(image_paths=[], updated_at=now))
-                conn.execute(insert(A), [
-                    {"request_id": row.id, "user_ref": f"{row.platform}:{row.author_id}", "actor": "service:prune",
-                     "action": "images_pruned", "from_status": None, "to_status": None,
-                     "reason": f"older than {image_retention_days:g} days", "created_at": now} for row in rows])
-            n_requests = len(rows)
+            with db.write.begin() as conn:  # another worker's prune may have done some: log only ours
+                mine = set(conn.execute(
+                    update(R).where(R.c.id.in_(ids), sa.cast(R.c.image_paths, sa.Text) != "[]")
+                    .values(image_paths=[], updated_at=now).returning(R.c.id)).scalars())
+                if mine:
+                    conn.execute(insert(A), [
+                        {"request_id": row.id, "user_ref": f"{row.platform}:{row.author_id}",
+                         "actor": "service:prune", "action": "images_pruned", "from_status": None,
+                         "to_status": None, "reason": f"older than {image_retention_days:g} days",
+                         "created_at": now} for row in rows if row.id in mine])
+            n_requests = len(mine)
     with db.write.begin() as conn:
         attempts = conn.execute(delete(LA).where(LA.c.created_at < now - LOGIN_ATTEMPTS_KEPT)).rowcount
         sessions = conn.execute(delete(MS).where(MS.c.expires_at < now)).rowcount
