@@ -77,7 +77,7 @@ class RateLimiter:
                 keys, windows = wanted.setdefault((by, event.platform), (set(), {}))
                 keys.add(key)
                 windows[name] = now - dt.timedelta(seconds=seconds)
-        counts = {group: self.counts.grouped(group[0], group[1], sorted(keys), windows)
+        counts = {group: self.counts.grouped(group[0], group[1], list(keys), windows)
                   for group, (keys, windows) in wanted.items()}
         queued = self.counts.queued() if cfg.queue_cap > 0 else 0
         added: Counter[tuple[str, str, str]] = Counter()  # accepted in this batch, per window and key
@@ -105,8 +105,7 @@ class RateLimiter:
         requests (the rest went to this batch, whose requests leave the window last)."""
         if room <= 0:
             return seconds
-        count_fn = getattr(self.counts, by)
-        count, oldest = count_fn(platform, key, now - dt.timedelta(seconds=seconds), room)
+        count, oldest = self.counts.window(by, platform, key, now - dt.timedelta(seconds=seconds), room)
         return retry_after(count, room, oldest, seconds, now) or 1.0
 
     def limited(self, event: Any) -> Limited | None:

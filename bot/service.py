@@ -22,7 +22,6 @@ import datetime as dt
 import logging
 import signal
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from bot.app import App
@@ -85,7 +84,7 @@ class Service:
         from storage.retention import prune
 
         settings = self.app.settings
-        done = prune(self.app.db, Path(settings.images_dir), image_retention_days=settings.data.image_retention_days,
+        done = prune(self.app.db, settings.images_dir, image_retention_days=settings.data.image_retention_days,
                      clock=self.app.queue.clock)
         if done.requests or done.login_attempts or done.sessions:
             _log.info("pruned images of %d request(s) (%d files, %.1f MB), %d login attempt(s), %d session(s)",

@@ -75,9 +75,7 @@ class Database:
                 if not (raw.broken or raw.closed):  # type: ignore[union-attr]
                     raise
                 conn.invalidate()
-                first = str(exc).strip().splitlines()
-                raise DatabaseUnavailable(
-                    f"lost the database {safe_url(self.url)}: {first[0] if first else type(exc).__name__}") from None
+                raise _lost(self.url, exc) from None
 
 
 def _sqlite_engine(url: sa.URL, busy_timeout: float, immediate: bool) -> Engine:
@@ -159,10 +157,13 @@ def _map_outages(engine: Engine, url: str) -> None:
             return None
         connecting = ctx.connection is None
         if ctx.is_disconnect or (connecting and isinstance(ctx.sqlalchemy_exception, OperationalError)):
-            first = str(ctx.original_exception).strip().splitlines()
-            return DatabaseUnavailable(
-                f"lost the database {safe_url(url)}: {first[0] if first else type(ctx.original_exception).__name__}")
+            return _lost(url, ctx.original_exception)
         return None
+
+
+def _lost(url: str, exc: BaseException) -> DatabaseUnavailable:
+    first = str(exc).strip().splitlines()
+    return DatabaseUnavailable(f"lost the database {safe_url(url)}: {first[0] if first else type(exc).__name__}")
 
 
 # ---- schema ---------------------------------------------------------------------------------

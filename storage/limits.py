@@ -21,14 +21,26 @@ from storage.states import Status
 
 R = Request.__table__
 
+# What each kind of limit counts by: the key column, and any extra condition (the channel index is
+# partial on guild_id IS NOT NULL: only guild channels are limited).
+_KINDS = {
+    "user": (R.c.author_id, ()),
+    "guild": (R.c.guild_id, ()),
+    "channel": (R.c.channel_id, (R.c.guild_id.is_not(None),)),
+}
+
 
 class LimitCounts:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    def _window(self, where: list, since: dt.datetime, limit: int) -> tuple[int, dt.datetime | None]:
-        """(count in the window, creation time of the request whose ageing-out frees a slot)."""
-        cond = [*where, R.c.created_at >= since, R.c.status != Status.REJECTED.value]
+    def window(self, kind: str, platform: str, key: str, since: dt.datetime, limit: int
+               ) -> tuple[int, dt.datetime | None]:
+        """For one key of ``kind`` ("user", "guild" or "channel"): (count in the window, creation time
+        of the request whose ageing-out frees a slot, when the count reaches ``limit``)."""
+        col, extra = _KINDS[kind]
+        cond = [R.c.platform == platform, col == key, *extra, R.c.created_at >= since,
+                R.c.status != Status.REJECTED.value]
         with self.db.read.connect() as conn:
             n = conn.execute(select(func.count()).select_from(R).where(*cond)).scalar_one()
             oldest = None
@@ -38,18 +50,6 @@ class LimitCounts:
                 ).scalar_one_or_none()
         return n, oldest
 
-    def user(self, platform: str, author_id: str, since: dt.datetime, limit: int) -> tuple[int, dt.datetime | None]:
-        return self._window([R.c.platform == platform, R.c.author_id == author_id], since, limit)
-
-    def guild(self, platform: str, guild_id: str, since: dt.datetime, limit: int) -> tuple[int, dt.datetime | None]:
-        return self._window([R.c.platform == platform, R.c.guild_id == guild_id], since, limit)
-
-    # (the channel index is partial on guild_id IS NOT NULL: only guild channels are limited)
-
-    def channel(self, platform: str, channel_id: str, since: dt.datetime, limit: int) -> tuple[int, dt.datetime | None]:
-        return self._window([R.c.platform == platform, R.c.channel_id == channel_id, R.c.guild_id.is_not(None)],
-                            since, limit)
-
     def grouped(self, kind: str, platform: str, keys: Sequence[str], windows: Mapping[str, dt.datetime]
                 ) -> dict[str, dict[str, int]]:
         """Counts for many keys at once (one query): ``{key: {window name: count}}`` for the
@@ -57,11 +57,7 @@ class LimitCounts:
         ``windows``. Keys with nothing in any window are absent. Batch intake decides from these."""
         if not keys or not windows:
             return {}
-        col, cond = {
-            "user": (R.c.author_id, []),
-            "guild": (R.c.guild_id, []),
-            "channel": (R.c.channel_id, [R.c.guild_id.is_not(None)]),
-        }[kind]
+        col, cond = _KINDS[kind]
         since = min(windows.values())
         counts = [func.count().filter(R.c.created_at >= start).label(f"n{i}") for i, start in enumerate(windows.values())]
         stmt = (select(col, *counts)

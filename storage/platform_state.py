@@ -28,6 +28,7 @@ from sqlalchemy import func, insert, select, update
 from storage.db import Database
 from storage.models import AuditEntry, Cursor, Request, utcnow
 from storage.records import RequestRecord
+from storage.states import Status
 
 C = Cursor.__table__
 A = AuditEntry.__table__
@@ -202,8 +203,6 @@ def owed_refusals(db: Database, platform: str, *, since: dt.datetime, before: dt
                   limit: int = 20) -> list[RequestRecord]:
     """Requests of ``platform`` refused (status ``rejected``) between ``since`` and ``before`` whose
     queue log has no refusal outcome: their reply is still owed. Oldest first."""
-    from storage.states import Status
-
     settled = select(A.c.id).where(A.c.request_id == R.c.id, A.c.action.in_(REFUSAL_OUTCOMES)).exists()
     with db.read.connect() as conn:
         rows = conn.execute(

@@ -366,9 +366,6 @@ class Queue:
         if not results:
             return []
         now = self.clock()
-        clear = dict(status=S.GENERATED.value, lease_owner=None, lease_token=None, lease_expires_at=None,
-                     error=None, updated_at=now)
-        fence = (R.c.status == S.RUNNING.value, R.c.lease_token == claim.token)
         if not self.db.is_sqlite:  # one prepared statement, whatever the batch size
             return [row[0] for row in self.db.run_prepared(_PG_COMPLETE, dict(
                 ids=list(results), paths=[json.dumps(list(p)) for p in results.values()], now=now,

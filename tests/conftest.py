@@ -88,24 +88,25 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-@pytest.fixture
-def queue(database: dbmod.Database, clock: FakeClock) -> Queue:
+def _test_queue(db: dbmod.Database, clock: FakeClock) -> Queue:
     import random
 
-    return Queue(database, QueuePolicy(lease_seconds=60, max_attempts=3, retry_base_seconds=10,
-                                       retry_max_seconds=600), clock=clock, rng=random.Random(0))
+    return Queue(db, QueuePolicy(lease_seconds=60, max_attempts=3, retry_base_seconds=10, retry_max_seconds=600),
+                 clock=clock, rng=random.Random(0))
+
+
+@pytest.fixture
+def queue(database: dbmod.Database, clock: FakeClock) -> Queue:
+    return _test_queue(database, clock)
 
 
 @pytest.fixture
 def twin_queue(db_url: str, tmp_path: Path, clock: FakeClock) -> Iterator[Queue]:
     """A second, empty queue on the same kind of database as ``queue`` (to compare two ways of
     doing the same thing)."""
-    import random
-
     with contextlib.ExitStack() as stack:
         url = f"sqlite:///{tmp_path / 'twin.sqlite3'}" if db_url.startswith("sqlite") else stack.enter_context(pg_schema())
         db = dbmod.connect(url)
         dbmod.upgrade(db)
-        yield Queue(db, QueuePolicy(lease_seconds=60, max_attempts=3, retry_base_seconds=10, retry_max_seconds=600),
-                    clock=clock, rng=random.Random(0))
+        yield _test_queue(db, clock)
         db.dispose()

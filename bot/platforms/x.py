@@ -69,6 +69,8 @@ REFUSAL_BUDGET = "x:budget:refusals"
 MAX_IMAGE_BYTES = 5 * 1024 * 1024
 #: How far back a restarted poller looks for refusals that were stored but never answered (seconds).
 REFUSAL_RECOVERY_WINDOW = 3600
+#: Seconds between two looks for such refusals.
+REFUSAL_SWEEP_INTERVAL = 60.0
 #: Mentions stored per transaction (one statement on PostgreSQL): a page of the mentions timeline.
 ADMIT_BATCH = 100
 
@@ -133,6 +135,7 @@ class XPlatform:
         self.posts = DailyCounter(queue.db, POST_BUDGET, clock=queue.clock)
         self.refusals = DailyCounter(queue.db, REFUSAL_BUDGET, clock=queue.clock)
         self._blocked: dict[str, float] = {}
+        self._next_sweep: dt.datetime | None = None  # next look for owed refusals (queue clock)
         self._blocked_lock = threading.Lock()
         self._bot: tuple[str, str] | None = (
             (cfg.bot_user_id, cfg.bot_username) if cfg.bot_user_id and cfg.bot_username else None)
@@ -272,17 +275,20 @@ class XPlatform:
 
     def _send_owed_refusals(self) -> None:
         """Refusals a poller stored but did not answer (it died in between): sent late, once.
-        Only requests refused more than a lease ago, so a live poller's own replies are not raced."""
-        if self.wait_needed("post") > 0:
-            return
+        Only requests refused more than a lease ago, so a live poller's own replies are not raced.
+        Looked for once a minute (not every poll), and again at the next poll when a rate limit cut
+        the last look short."""
         now = self.queue.clock()
+        if self.wait_needed("post") > 0 or (self._next_sweep is not None and now < self._next_sweep):
+            return
         owed = owed_refusals(self.queue.db, self.name, since=now - dt.timedelta(seconds=REFUSAL_RECOVERY_WINDOW),
                              before=now - dt.timedelta(seconds=self.lease_seconds))
         for req in owed:
             _log.info("X: sending a refusal owed since before a restart", extra={"request_id": req.id})
             self._refuse(req, texts.refusal_text(req.error))
             if self.wait_needed("post") > 0:
-                break
+                return
+        self._next_sweep = now + dt.timedelta(seconds=REFUSAL_SWEEP_INTERVAL)
 
     def _refuse(self, req: RequestRecord, message: str | None) -> None:
         """Reply once to a refused mention, within the daily refusal budget; record what happened.
