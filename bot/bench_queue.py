@@ -93,6 +93,7 @@ def _our_enqueue(i: int, barrier: Any, out: Any, url: str, n: int, workers: int)
 def _our_drain(i: int, barrier: Any, out: Any, url: str, batch: int) -> None:
     from storage import db as dbmod
     from storage.queue import Queue
+    from storage.records import Generated
 
     db = dbmod.connect(url)
     q = Queue(db)
@@ -103,7 +104,7 @@ def _our_drain(i: int, barrier: Any, out: Any, url: str, batch: int) -> None:
         claim = q.claim(owner, batch)
         if not claim.requests:
             break
-        done += len(q.complete_many(claim, {r.id: [] for r in claim.requests}))
+        done += len(q.complete_many(claim, [Generated(r.id, []) for r in claim.requests]))
     out.put(done)
     db.dispose()
 

@@ -30,7 +30,7 @@ from bot.safety import ImageClassifier, nsfw_hold_reason
 from storage.errors import DatabaseUnavailable, LeaseLost
 from storage.moderators import generation_paused
 from storage.queue import Queue
-from storage.records import Claim, RequestRecord
+from storage.records import Claim, Generated, RequestRecord
 from storage.states import Status
 
 _log = logging.getLogger(__name__)
@@ -153,13 +153,31 @@ class Worker:
                 except LeaseLost:
                     self.stats.lost += 1
             return len(claim)
+        results = []
         for r, job, imgs in zip(claim.requests, jobs, images, strict=True):
             with log_context(request_id=r.id):
-                self._record(claim, r, job, imgs)
+                result = self._save(claim, r, job, imgs)
+            if result is not None:
+                results.append(result)
+        recorded = set(self.queue.complete_many(claim, results))  # the batch in one statement
+        for g in results:
+            if g.request_id not in recorded:
+                self.stats.lost += 1
+                _log.warning("request %d is no longer running under this worker's lease (reclaimed by another "
+                             "worker, cancelled, or finished): result dropped", g.request_id,
+                             extra={"request_id": g.request_id})
+                continue
+            self.stats.generated += 1
+            self.metrics.images.inc(len(g.image_paths))
+            if g.hold_reason:
+                self.metrics.held.inc()
+            _log.info("generated %d image(s)", len(g.image_paths),
+                      extra={"request_id": g.request_id, "action": "held" if g.hold_reason else "generated"})
         return len(claim)
 
-    def _record(self, claim: Claim, r: RequestRecord, job: GenerationJob, imgs: list[Image.Image] | Exception) -> None:
-        """Save, check and record one request's images (or its permanent failure)."""
+    def _save(self, claim: Claim, r: RequestRecord, job: GenerationJob, imgs: list[Image.Image] | Exception
+              ) -> Generated | None:
+        """Save and check one request's images; None when it failed for good (recorded here)."""
         if isinstance(imgs, Exception):  # this request can never be generated
             self.metrics.failures.labels(reason="prompt_unreadable").inc()
             try:
@@ -167,7 +185,7 @@ class Worker:
                 self.stats.failed += 1
             except LeaseLost:
                 self.stats.lost += 1
-            return
+            return None
         folder = self.images_dir / str(r.id)
         folder.mkdir(parents=True, exist_ok=True)
         paths = []
@@ -184,16 +202,7 @@ class Worker:
             except Exception as exc:  # unchecked images are never posted automatically
                 _log.exception("NSFW check failed", extra={"request_id": r.id})
                 hold_reason = f"NSFW check failed: {exc}"[:500]
-        try:
-            self.queue.complete(claim, r.id, paths, scores, hold_reason=hold_reason, seed=job.seed)
-            self.stats.generated += 1
-            self.metrics.images.inc(len(paths))
-            if hold_reason:
-                self.metrics.held.inc()
-            _log.info("generated %d image(s)", len(paths), extra={"request_id": r.id, "action": "generated"})
-        except LeaseLost as exc:
-            self.stats.lost += 1
-            _log.warning("%s", exc, extra={"request_id": r.id})
+        return Generated(r.id, paths, scores, hold_reason, job.seed)
 
     # ---- delivery -------------------------------------------------------------------------
 

@@ -47,6 +47,7 @@ from storage.records import (
     AuditRecord,
     Claim,
     EnqueueResult,
+    Generated,
     NewRequest,
     REQUEST_FIELDS,
     RequestRecord,
@@ -347,37 +348,47 @@ class Queue:
         hold_reason: str | None = None,
         seed: int | None = None,
     ) -> RequestRecord:
-        """Record generated images: ``generated``, or ``held_for_review`` when ``hold_reason`` is set.
-        ``seed`` records the seed actually used (for re-rolls and reproduction)."""
-        target = S.HELD if hold_reason else S.GENERATED
-        values: dict[str, Any] = dict(image_paths=list(image_paths), nsfw_scores=[float(s) for s in nsfw_scores],
-                                      lease_owner=None, lease_token=None, lease_expires_at=None, error=None)
-        if seed is not None:
-            values["seed"] = seed
-        with self._write(single=True) as conn:
-            return self._fenced(
-                conn, claim, request_id, S.RUNNING, target, values,
-                action="held" if hold_reason else "generated", reason=hold_reason,
+        """Record one request's images (see :meth:`complete_many`); raises :class:`LeaseLost` when
+        this claim no longer owns the request."""
+        if not self.complete_many(claim, [Generated(request_id, list(image_paths), list(nsfw_scores),
+                                                    hold_reason, seed)]):
+            raise LeaseLost(
+                f"request {request_id} is no longer running under this worker's lease "
+                "(reclaimed by another worker, cancelled, or finished): result dropped"
             )
+        return self.get(request_id)
 
-    def complete_many(self, claim: Claim, results: dict[int, Sequence[str]]) -> list[int]:
-        """Record several generated results (request id -> image paths) in one statement; returns the
-        ids recorded (a request whose lease was lost is not updated and not returned)."""
+    def complete_many(self, claim: Claim, results: Sequence[Generated]) -> list[int]:
+        """Record a batch's generation results in one transaction: each request becomes
+        ``generated`` (or ``held_for_review`` with a hold reason), fenced by the claim's lease
+        token, with one audit row each. Returns the ids recorded, in the order given; a request whose
+        lease was lost is left alone and not returned. On PostgreSQL: one prepared statement."""
         if not results:
             return []
         now = self.clock()
-        if not self.db.is_sqlite:  # one prepared statement, whatever the batch size
-            return [row[0] for row in self.db.run_prepared(_PG_COMPLETE, dict(
-                ids=list(results), paths=[json.dumps(list(p)) for p in results.values()], now=now,
-                token=claim.token, actor=f"worker:{claim.owner}"))]
-        clear = dict(status=S.GENERATED.value, lease_owner=None, lease_token=None, lease_expires_at=None,
-                     error=None, updated_at=now)
-        paths = sa.case(*[(R.c.id == rid, sa.literal(list(p), sa.JSON)) for rid, p in results.items()])
-        stmt = update(R).where(R.c.id.in_(list(results)), R.c.status == S.RUNNING.value,
-                               R.c.lease_token == claim.token).values(image_paths=paths, **clear)
-        with self._write(single=True) as conn:
-            return self._update_audited(conn, stmt, actor=f"worker:{claim.owner}", action="generated",
-                                        from_status=S.RUNNING.value, to_status=S.GENERATED.value, ids_only=True)
+        actor = f"worker:{claim.owner}"
+        if not self.db.is_sqlite:
+            done = {row[0] for row in self.db.run_prepared(_PG_COMPLETE, dict(
+                ids=[g.request_id for g in results], paths=[json.dumps(list(g.image_paths)) for g in results],
+                scores=[json.dumps([float(x) for x in g.nsfw_scores]) for g in results],
+                holds=[g.hold_reason for g in results], seeds=[g.seed for g in results],
+                now=now, token=claim.token, actor=actor))}
+            return [g.request_id for g in results if g.request_id in done]
+        with self._write() as conn:  # SQLite: the write lock is held, so owned stays owned
+            owned = set(conn.execute(select(R.c.id).where(
+                R.c.id.in_([g.request_id for g in results]), R.c.status == S.RUNNING.value,
+                R.c.lease_token == claim.token)).scalars())
+            todo = [g for g in results if g.request_id in owned]
+            if todo:
+                conn.execute(_SQLITE_COMPLETE, [
+                    {"rid": g.request_id, "to": (S.HELD if g.hold_reason else S.GENERATED).value,
+                     "paths": list(g.image_paths), "scores": [float(x) for x in g.nsfw_scores],
+                     "new_seed": g.seed, "now": now} for g in todo])
+                self._audit(conn, [
+                    {"request_id": g.request_id, "actor": actor, "action": "held" if g.hold_reason else "generated",
+                     "from_status": S.RUNNING.value, "to_status": (S.HELD if g.hold_reason else S.GENERATED).value,
+                     "reason": g.hold_reason} for g in todo])
+        return [g.request_id for g in todo]
 
     def fail(self, claim: Claim, request_id: int, error: str, *, permanent: bool = False) -> RequestRecord:
         """A generation attempt failed: retry later with backoff, or ``dead``/``failed``."""
@@ -827,16 +838,29 @@ WITH upd AS (
 )
 SELECT * FROM upd"""
 
+# Generated results on SQLite (:meth:`Queue.complete_many`): one executemany under the write lock.
+_SQLITE_COMPLETE = update(R).where(R.c.id == sa.bindparam("rid")).values(
+    status=sa.bindparam("to"), image_paths=sa.bindparam("paths", type_=sa.JSON),
+    nsfw_scores=sa.bindparam("scores", type_=sa.JSON),
+    seed=func.coalesce(sa.bindparam("new_seed", type_=sa.BigInteger), R.c.seed),
+    lease_owner=None, lease_token=None, lease_expires_at=None, error=None, updated_at=sa.bindparam("now"))
+
 # Generated results on PostgreSQL (:meth:`Queue.complete_many`), fenced by the claim's lease token.
 _PG_COMPLETE = """
-WITH v AS (SELECT unnest(%(ids)s::bigint[]) AS id, unnest(%(paths)s::text[]) AS paths),
-upd AS (
-    UPDATE requests r SET image_paths = v.paths::json, status = 'generated', lease_owner = NULL,
-        lease_token = NULL, lease_expires_at = NULL, error = NULL, updated_at = %(now)s
+WITH v AS (
+    SELECT * FROM unnest(%(ids)s::bigint[], %(paths)s::text[], %(scores)s::text[], %(holds)s::text[],
+                         %(seeds)s::bigint[]) AS t(id, paths, scores, hold, seed)
+), upd AS (
+    UPDATE requests r SET image_paths = v.paths::json, nsfw_scores = v.scores::json,
+        seed = coalesce(v.seed, r.seed),
+        status = CASE WHEN v.hold IS NULL THEN 'generated' ELSE 'held_for_review' END,
+        lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, error = NULL, updated_at = %(now)s
     FROM v WHERE r.id = v.id AND r.status = 'running' AND r.lease_token = %(token)s
-    RETURNING r.id
+    RETURNING r.id, r.status, v.hold
 ), audit AS (
-    INSERT INTO audit_log (request_id, actor, action, from_status, to_status, created_at)
-    SELECT id, %(actor)s, 'generated', 'running', 'generated', %(now)s FROM upd
+    INSERT INTO audit_log (request_id, actor, action, from_status, to_status, reason, created_at)
+    SELECT id, %(actor)s, CASE WHEN hold IS NULL THEN 'generated' ELSE 'held' END, 'running', status, hold,
+           %(now)s
+    FROM upd
 )
 SELECT id FROM upd"""

@@ -42,6 +42,19 @@ class NewRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class Generated:
+    """One request's generation result, recorded by :meth:`storage.queue.Queue.complete_many`:
+    ``held_for_review`` when ``hold_reason`` is set, else ``generated``. ``seed`` is the seed
+    actually used (kept for re-rolls and reproduction; None keeps the stored one)."""
+
+    request_id: int
+    image_paths: tuple[str, ...] | list[str]
+    nsfw_scores: tuple[float, ...] | list[float] = ()
+    hold_reason: str | None = None
+    seed: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class RequestRecord:
     id: int
     platform: str

@@ -15,6 +15,7 @@ import time
 
 from storage import db as dbmod
 from storage.queue import Queue, QueuePolicy
+from storage.records import Generated
 
 
 def main() -> None:
@@ -40,7 +41,7 @@ def main() -> None:
             time.sleep(0.05)
             continue
         idle = 0
-        done.extend(q.complete_many(claim, {r.id: [f"{owner}/{r.id}.png"] for r in claim.requests}))
+        done.extend(q.complete_many(claim, [Generated(r.id, [f"{owner}/{r.id}.png"]) for r in claim.requests]))
     print(json.dumps(done), flush=True)
 
 

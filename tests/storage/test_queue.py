@@ -6,7 +6,7 @@ import pytest
 
 from storage.errors import IllegalTransition, LeaseLost, NotFound
 from storage.queue import Queue, backoff_seconds
-from storage.records import NewRequest
+from storage.records import Generated, NewRequest
 from storage.states import Status
 
 
@@ -89,6 +89,36 @@ def test_complete_and_deliver_with_fenced_updates(queue: Queue) -> None:
         ("posting", "generated", "posting"),
         ("posted", "posting", "posted"),
     ]
+
+
+def test_complete_many_records_a_batch_with_holds_scores_and_seeds(queue: Queue) -> None:
+    ids = [queue.enqueue(new(f"m{i}", user=f"u{i}", seed=100 + i)).request.id for i in range(4)]
+    claim = queue.claim("w", 4)
+    stolen = queue.claim("other", 1)  # nothing left to steal: the batch owns all four
+    assert not stolen.requests
+    queue.cancel(ids[3], actor="moderator:mo", reason="changed my mind")  # lost before completion
+    done = queue.complete_many(claim, [
+        Generated(ids[2], ["/i/2/0.png", "/i/2/1.png"], [0.1, 0.2], None, 7),
+        Generated(ids[0], ["/i/0/0.png"], [0.95], "NSFW score 0.95 >= 0.8", None),
+        Generated(ids[1], [], [], None, None),
+        Generated(ids[3], ["/i/3/0.png"], [0.0], None, 9),
+    ])
+    assert done == [ids[2], ids[0], ids[1]]  # in the order given; the cancelled one is not recorded
+    two, zero, one, three = (queue.get(i) for i in (ids[2], ids[0], ids[1], ids[3]))
+    assert two.status == Status.GENERATED and two.image_paths == ["/i/2/0.png", "/i/2/1.png"]
+    assert two.nsfw_scores == [0.1, 0.2] and two.seed == 7 and two.lease_token is None
+    assert zero.status == Status.HELD and zero.nsfw_scores == [0.95] and zero.seed == 100  # seed kept
+    assert one.status == Status.GENERATED and one.image_paths == [] and one.seed == 101
+    assert three.status == Status.CANCELLED and three.image_paths == [] and three.seed == 103
+    trails = {i: [(a.action, a.from_status, a.to_status, a.reason, a.actor) for a in queue.audit(i)][2:]
+              for i in ids}
+    assert trails[ids[2]] == [("generated", "running", "generated", None, "worker:w")]
+    assert trails[ids[0]] == [("held", "running", "held_for_review", "NSFW score 0.95 >= 0.8", "worker:w")]
+    assert trails[ids[1]] == [("generated", "running", "generated", None, "worker:w")]
+    assert [t[0] for t in trails[ids[3]]] == ["cancelled"]
+    assert queue.complete_many(claim, [Generated(ids[2], ["/again.png"])]) == []  # finishing twice: refused
+    assert queue.get(ids[2]).image_paths == ["/i/2/0.png", "/i/2/1.png"]
+    assert queue.complete_many(claim, []) == []
 
 
 def test_expired_lease_is_reclaimed_and_the_stale_worker_cannot_finish(queue: Queue, clock) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 from PIL import Image
 
 from storage.queue import Queue
-from storage.records import NewRequest
+from storage.records import Generated, NewRequest
 from storage.retention import prune
 from storage.states import Status
 
@@ -23,7 +23,7 @@ def _generate(queue: Queue, images: Path, ext: str, user: str = "alice") -> int:
     for k in range(2):
         Image.new("RGB", (8, 8)).save(folder / f"{k}.png")
         paths.append(str(folder / f"{k}.png"))
-    queue.complete_many(claim, {rid: paths})
+    queue.complete_many(claim, [Generated(rid, paths)])
     return rid
 
 
