@@ -113,7 +113,7 @@ def test_a_killed_connection_on_the_prepared_hot_path_is_an_outage_then_recovers
     import pytest
 
     from storage.errors import DatabaseUnavailable
-    from storage.records import NewRequest
+    from storage.records import Generated, NewRequest
     from tests.conftest import pg_dsn
 
     db = dbmod.connect(pg_schema_url)
@@ -124,7 +124,7 @@ def test_a_killed_connection_on_the_prepared_hot_path_is_an_outage_then_recovers
             queue.enqueue(NewRequest("local", f"m{i}", "u", "a red circle", "a red circle"))
         first = queue.claim("w", 1)
         assert len(first) == 1 and first.requests[0].options == {} and first.requests[0].image_paths == []
-        with db.single.connect() as conn:
+        with db.lease.connect() as conn:  # the pool the hot path uses
             pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
         with psycopg.connect(pg_dsn(), autocommit=True) as admin:
             admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
@@ -133,7 +133,23 @@ def test_a_killed_connection_on_the_prepared_hot_path_is_an_outage_then_recovers
             queue.claim("w", 1)
         second = queue.claim("w", 2)  # a fresh connection
         assert len(second) == 2
-        assert queue.complete_many(second, {r.id: [f"{r.id}.png"] for r in second.requests}) == second.ids
+        assert queue.complete_many(second, [Generated(r.id, [f"{r.id}.png"]) for r in second.requests]) == second.ids
         assert queue.get(second.ids[0]).image_paths == [f"{second.ids[0]}.png"]
+    finally:
+        db.dispose()
+
+
+def test_only_lease_transitions_commit_without_waiting_for_the_disk(pg_schema_url: str) -> None:
+    """The workers' claim and completion commit asynchronously (a lost lease commit is recovered by
+    the lease itself); intake, delivery and moderation keep synchronous commits. The URL's own
+    options (here the test schema's search_path) survive on the lease connections."""
+    db = dbmod.connect(pg_schema_url)
+    try:
+        schema = pg_schema_url.rsplit("%3D", 1)[1]
+        assert db.run_prepared("SELECT current_setting('synchronous_commit'), current_setting('search_path')",
+                               {}) == [("off", schema)]
+        for engine in (db.write, db.read, db.single):
+            with engine.connect() as conn:
+                assert conn.exec_driver_sql("SHOW synchronous_commit").scalar_one() == "on"
     finally:
         db.dispose()
