@@ -37,7 +37,7 @@ from sqlalchemy import delete, func, insert, select, update
 
 from storage.db import Database
 from storage.errors import NotFound, StorageError
-from storage.models import AuditEntry, LoginAttempt, Moderator, ModeratorSession, Request, Switch, utcnow
+from storage.models import COUNTED_LOG, AuditEntry, LoginAttempt, Moderator, ModeratorSession, Request, Switch, utcnow
 
 M = Moderator.__table__
 MS = ModeratorSession.__table__
@@ -346,16 +346,16 @@ def activity(queue_or_db: Any, now: dt.datetime, *, rate_window: float = 60.0,
             select(R.c.status, func.count()).where(R.c.status.in_(active)).group_by(R.c.status))}
         images = conn.execute(
             select(func.coalesce(func.sum(R.c.n_images), 0)).select_from(A.join(R, R.c.id == A.c.request_id))
-            .where(A.c.created_at >= rate_since,
+            .where(COUNTED_LOG, A.c.created_at >= rate_since,
                    sa.or_(A.c.action == "generated", sa.and_(A.c.action == "held", A.c.actor.like("worker:%"))))
         ).scalar_one()
         failures = conn.execute(
             select(func.count()).select_from(A)
-            .where(A.c.created_at >= recent_since, A.c.action.in_(["failed", "dead", "retry"]))
+            .where(COUNTED_LOG, A.c.created_at >= recent_since, A.c.action.in_(["failed", "dead", "retry"]))
         ).scalar_one()
         refusals = conn.execute(
             select(func.count()).select_from(A)
-            .where(A.c.created_at >= recent_since, A.c.to_status == "rejected")
+            .where(COUNTED_LOG, A.c.created_at >= recent_since, A.c.to_status == "rejected")
         ).scalar_one()
     return {
         "queued": by_status.get("queued", 0),

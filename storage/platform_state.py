@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy import func, insert, select, update
 
 from storage.db import Database
-from storage.models import AuditEntry, Cursor, Request, utcnow
+from storage.models import COUNTED_LOG, AuditEntry, Cursor, Request, utcnow
 from storage.records import RequestRecord
 from storage.states import Status
 
@@ -188,7 +188,7 @@ def throughput(db: Database, *, window: float = 3600.0, clock: Callable[[], dt.d
     with db.read.connect() as conn:
         row = conn.execute(
             select(func.count(), func.min(A.c.created_at))
-            .where(A.c.created_at >= since, A.c.action == "generated")
+            .where(COUNTED_LOG, A.c.created_at >= since, A.c.action == "generated")
         ).one()
     n, first = row
     if not n:
