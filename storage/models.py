@@ -67,7 +67,9 @@ class Request(Base):
               postgresql_where=text("guild_id IS NOT NULL"), sqlite_where=text("guild_id IS NOT NULL")),
         Index("ix_requests_channel", "platform", "channel_id", "created_at",
               postgresql_where=text("guild_id IS NOT NULL"), sqlite_where=text("guild_id IS NOT NULL")),
-        Index("ix_requests_created", "created_at"),
+        # The dashboard's time ranges. BRIN on PostgreSQL (rows arrive in creation order; no B-tree
+        # entry per state change: migration 0006); a B-tree on SQLite.
+        Index("ix_requests_created", "created_at", postgresql_using="brin"),
         # min(slot) of the queue, read by every enqueue (fair-share order)
         Index(
             "ix_requests_queued_slot",
