@@ -90,7 +90,7 @@ def _our_enqueue(i: int, barrier: Any, out: Any, url: str, n: int, workers: int)
     db.dispose()
 
 
-def _our_drain(i: int, barrier: Any, out: Any, url: str, batch: int) -> None:
+def _our_drain(i: int, barrier: Any, out: Any, url: str, batch: int, results: bool) -> None:
     from storage import db as dbmod
     from storage.queue import Queue
     from storage.records import Generated
@@ -104,7 +104,11 @@ def _our_drain(i: int, barrier: Any, out: Any, url: str, batch: int) -> None:
         claim = q.claim(owner, batch)
         if not claim.requests:
             break
-        done += len(q.complete_many(claim, [Generated(r.id, []) for r in claim.requests]))
+        # an acknowledgement (pgqueuer's log_jobs carries no result either), or with --with-results
+        # what the worker records for a request of 4 images: their paths, NSFW scores and the seed
+        done += len(q.complete_many(claim, [
+            Generated(r.id, [f"images/{r.id}/{k}.png" for k in range(4)], [0.01, 0.02, 0.03, 0.04], None, r.id)
+            if results else Generated(r.id, []) for r in claim.requests]))
     out.put(done)
     db.dispose()
 
@@ -174,14 +178,14 @@ def _pg_schema(server_url: str) -> tuple[str, str, Callable[[], None]]:
     return f"{server_url}{sep}{opt}", f"{dsn}{sep}{opt}", drop
 
 
-def run_ours(backend: str, url: str, n: int, workers: int, batch: int) -> Result:
+def run_ours(backend: str, url: str, n: int, workers: int, batch: int, results: bool = False) -> Result:
     from storage import db as dbmod
 
     db = dbmod.connect(url)
     dbmod.upgrade(db)
     db.dispose()
     t_enq, _ = _run_parallel(_our_enqueue, workers, (url, n, workers))
-    t_drain, counts = _run_parallel(_our_drain, workers, (url, batch))
+    t_drain, counts = _run_parallel(_our_drain, workers, (url, batch, results))
     if sum(counts) != n:
         raise click.ClickException(f"dallebot drained {sum(counts)} of {n} requests")
     return Result(0, "dallebot", backend, workers, n, n / t_enq, n / t_drain)
@@ -212,7 +216,10 @@ def run_pgqueuer(dsn: str, n: int, workers: int, batch: int) -> Result:
 @click.option("--skip-pgqueuer", is_flag=True, help="Only dallebot's queue.")
 @click.option("--rounds", type=int, default=1, show_default=True,
               help="Repeat everything, interleaved; the ratios are medians over the rounds.")
-def bench_queue(n: int, workers: str, batch: int, pg_url: str, skip_pgqueuer: bool, rounds: int) -> None:
+@click.option("--with-results", is_flag=True,
+              help="Complete with what the worker records (4 image paths, NSFW scores, seed), not a bare ack.")
+def bench_queue(n: int, workers: str, batch: int, pg_url: str, skip_pgqueuer: bool, rounds: int,
+                with_results: bool) -> None:
     """Queue throughput: enqueue, claim and complete on SQLite and PostgreSQL, vs pgqueuer."""
     import dataclasses
     import statistics
@@ -224,12 +231,13 @@ def bench_queue(n: int, workers: str, batch: int, pg_url: str, skip_pgqueuer: bo
         for w in counts:
             with tempfile.TemporaryDirectory() as tmp:
                 click.echo(f"round {rnd}: dallebot sqlite, {w} worker(s)...", err=True)
-                results.append(dataclasses.replace(run_ours("sqlite", f"sqlite:///{tmp}/bench.sqlite3", n, w, batch),
+                results.append(dataclasses.replace(run_ours("sqlite", f"sqlite:///{tmp}/bench.sqlite3", n, w, batch,
+                                                                    with_results),
                                                    round=rnd))
             url, dsn, drop = _pg_schema(pg_url)
             try:
                 click.echo(f"round {rnd}: dallebot postgresql, {w} worker(s)...", err=True)
-                results.append(dataclasses.replace(run_ours("postgresql", url, n, w, batch), round=rnd))
+                results.append(dataclasses.replace(run_ours("postgresql", url, n, w, batch, with_results), round=rnd))
             finally:
                 drop()
             if not skip_pgqueuer:
