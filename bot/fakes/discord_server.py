@@ -578,6 +578,7 @@ class FakeDiscord:
             ("POST", "/webhooks/{application_id}/{token}", self._followup),
             ("GET", "/channels/{channel_id}", self._get_channel),
             ("POST", "/channels/{channel_id}/messages", self._post_channel_message),
+            ("GET", "/channels/{channel_id}/messages", self._get_channel_messages),
             ("GET", "/channels/{channel_id}/messages/{message_id}", self._get_channel_message),
             ("PATCH", "/channels/{channel_id}/messages/{message_id}", self._edit_channel_message),
             ("DELETE", "/channels/{channel_id}/messages/{message_id}", self._delete_channel_message),
@@ -846,6 +847,28 @@ class FakeDiscord:
         message = self._new_message(channel_id, "channel")
         self._apply_message_body(message, rec.json or {}, rec.files)
         return 200, message.payload(self.users)
+
+    def _get_channel_messages(self, request: web.Request, rec: RecordedRequest, channel_id: str) -> tuple[int, Any]:
+        """Channel history, newest first (``limit`` 1-100, default 50; ``before``/``after`` ids). Only
+        the bot's own messages exist here; ephemeral ones are never listed, as on Discord."""
+        channel = self._channel(channel_id)
+        if channel.deny_bot:
+            raise _ApiError(403, 50013, "Missing Permissions")
+        if channel.guild_id is not None:
+            needed = Permissions.VIEW_CHANNEL | Permissions.READ_MESSAGE_HISTORY
+            if self.guilds[channel.guild_id].permissions_of(self.bot.id) & needed != needed:
+                raise _ApiError(403, 50013, "Missing Permissions")
+        try:
+            limit = int(rec.query.get("limit", 50))
+        except ValueError:
+            raise _ApiError(400, 50035, "Invalid Form Body") from None
+        if not 1 <= limit <= 100:
+            raise _ApiError(400, 50035, "Invalid Form Body")
+        before, after = rec.query.get("before"), rec.query.get("after")
+        found = [m for m in self.channel_messages(channel_id) if not m.ephemeral
+                 and (before is None or int(m.id) < int(before)) and (after is None or int(m.id) > int(after))]
+        found.sort(key=lambda m: int(m.id), reverse=True)
+        return 200, [m.payload(self.users) for m in found[:limit]]
 
     def _channel_message(self, channel_id: str, message_id: str) -> RecordedMessage:
         message = self.messages.get(message_id)

@@ -60,6 +60,9 @@ _log = logging.getLogger(__name__)
 
 NO_MENTIONS = discord.AllowedMentions.none()
 DELIVERY_TIMEOUT_S = 300.0
+# After a crash mid-delivery, how many of the bot's latest messages where a result goes are searched
+# for it (one request to Discord; a busier channel than this may get the result twice).
+RECOVERY_LOOKBACK = 100
 
 
 @dataclass
@@ -591,18 +594,36 @@ class DiscordPlatform:
         return Delivery(reply_id=str(msg.id), reply_url=msg.jump_url)
 
     async def _find(self, request: RequestRecord) -> Delivery | None:
-        """After a crash mid-delivery: the interaction's message already holds the images? (Only
-        known while the token lives in this process; otherwise the result is posted again.)"""
+        """After a crash mid-delivery: were the images already posted? The interaction's own message
+        when its token lives in this process; otherwise the bot's recent messages where the result
+        goes (the channel, or the DM for a private request), whichever process posted them: the
+        images' file names carry the request id. None means post again."""
         tracked = self.tracked.get(request.id)
-        if tracked is None:
-            return None
+        if tracked is not None:
+            try:
+                msg = await tracked.interaction.original_response()
+            except discord.HTTPException:
+                msg = None
+            if msg is not None and msg.attachments:
+                self.tracked.pop(request.id, None)
+                return Delivery(reply_id=str(msg.id), reply_url=msg.jump_url)
+        prefix = f"dalle-{request.id}-"
         try:
-            msg = await tracked.interaction.original_response()
-        except discord.HTTPException:
-            return None
-        if msg.attachments:
-            self.tracked.pop(request.id, None)
-            return Delivery(reply_id=str(msg.id), reply_url=msg.jump_url)
+            if request.options.get("private"):
+                channel: Any = await (await self.client.fetch_user(int(request.author_id))).create_dm()
+            elif request.channel_id:
+                channel = self.client.get_partial_messageable(int(request.channel_id))
+            else:
+                return None
+            me = self.client.user.id if self.client.user else None
+            async for msg in channel.history(limit=RECOVERY_LOOKBACK):
+                if msg.author.id == me and any(a.filename.startswith(prefix) for a in msg.attachments):
+                    self.tracked.pop(request.id, None)
+                    return Delivery(reply_id=str(msg.id), reply_url=msg.jump_url)
+        except (discord.HTTPException, discord.RateLimited) as exc:
+            # No history permission, a deleted channel, a rate limit: posting again is the safe side
+            # of "at least once".
+            _log.info("cannot look for an earlier reply to request %d (%s): posting it again", request.id, exc)
         return None
 
 

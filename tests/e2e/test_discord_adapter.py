@@ -421,3 +421,81 @@ async def test_drain_worker_without_a_running_client_posts_in_the_channel(
     [posted] = [m for m in fake.channel_messages(fake.channel) if m.kind == "channel"]
     assert posted.content.startswith(f"<@{mason.id}> `a drained cat`") and len(posted.attachments) == 4
     assert stored(queue, inter).status == Status.POSTED
+
+
+HISTORY = "GET /channels/{channel_id}/messages"
+
+
+async def _crash_after_posting(queue: Queue, platform: DiscordPlatform, rid: int, tmp_path: Path) -> None:
+    """Process A generates and posts request ``rid`` through ``platform``, then dies before it can
+    record the post (the request stays ``posting`` under A's lease)."""
+    a = Worker(queue, LetterGenerator(), {"discord": platform}, tmp_path / "img", owner="a")
+    assert await asyncio.to_thread(a.generate_batch) == 1
+    claim = queue.claim_deliveries("a", 5)
+    assert claim.ids == [rid]
+    rec = queue.get(rid)
+    await asyncio.to_thread(platform.deliver, rec, [Path(p) for p in rec.image_paths])
+
+
+async def _recover_elsewhere(fake: FakeDiscord, queue: Queue, clock: Any, tmp_path: Path) -> None:
+    """After A's delivery lease expires, process B (a fresh client: no interaction token) delivers."""
+    clock.advance(queue.policy.lease_seconds + 1)
+    other = DiscordPlatform(settings(fake), queue)
+    try:
+        b = Worker(queue, LetterGenerator(), {"discord": other}, tmp_path / "img", owner="b")
+        assert await asyncio.wait_for(asyncio.to_thread(b.deliver_batch), 30) == 1
+    finally:
+        await asyncio.to_thread(other.close)
+
+
+async def test_a_channel_post_made_before_a_crash_is_found_by_another_process(
+        fake: FakeDiscord, adapter: DiscordPlatform, queue: Queue, clock: Any, tmp_path: Path) -> None:
+    mason = fake.add_user("mason")
+    inter = await dalle(fake, mason, prompt="a crashed cat")
+    rid = stored(queue, inter).id
+    first = DiscordPlatform(settings(fake), queue)  # process A: a drain worker, posts in the channel
+    try:
+        await _crash_after_posting(queue, first, rid, tmp_path)
+    finally:
+        await asyncio.to_thread(first.close)
+    await _recover_elsewhere(fake, queue, clock, tmp_path)
+
+    [posted] = [m for m in fake.channel_messages(fake.channel) if m.attachments]
+    assert len(fake.requests_to(CHANNEL_POST)) == 1  # found, not posted again
+    assert fake.requests_to(HISTORY)
+    rec = queue.get(rid)
+    assert rec.status == Status.POSTED and rec.reply_id == posted.id
+    assert [a.action for a in queue.audit(rid)][-3:] == ["posting", "recovering", "posted"]
+
+
+async def test_an_interaction_answered_before_a_crash_is_found_by_another_process(
+        fake: FakeDiscord, adapter: DiscordPlatform, queue: Queue, clock: Any, tmp_path: Path) -> None:
+    mason = fake.add_user("mason")
+    inter = await dalle(fake, mason, prompt="a crashed dog")
+    rid = stored(queue, inter).id
+    await _crash_after_posting(queue, adapter, rid, tmp_path)  # A edits the interaction's own message
+    assert len(inter.original.attachments) == 4
+    await _recover_elsewhere(fake, queue, clock, tmp_path)
+
+    assert fake.requests_to(CHANNEL_POST) == []  # B found the answered interaction in the channel
+    rec = queue.get(rid)
+    assert rec.status == Status.POSTED and rec.reply_id == inter.original.id
+
+
+async def test_without_history_access_a_crashed_delivery_is_posted_again(
+        fake: FakeDiscord, adapter: DiscordPlatform, queue: Queue, clock: Any, tmp_path: Path) -> None:
+    """At least once: when the bot may not read the channel's history, B cannot know, and posts."""
+    mason = fake.add_user("mason")
+    inter = await dalle(fake, mason, prompt="a crashed owl")
+    rid = stored(queue, inter).id
+    first = DiscordPlatform(settings(fake), queue)
+    try:
+        await _crash_after_posting(queue, first, rid, tmp_path)
+    finally:
+        await asyncio.to_thread(first.close)
+    for role in fake.guild.roles.values():  # the bot's role and @everyone
+        role.permissions &= ~Permissions.READ_MESSAGE_HISTORY
+    await _recover_elsewhere(fake, queue, clock, tmp_path)
+
+    posts = [m for m in fake.channel_messages(fake.channel) if m.attachments]
+    assert len(posts) == 2 and queue.get(rid).reply_id == posts[-1].id

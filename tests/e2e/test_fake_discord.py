@@ -367,3 +367,21 @@ async def test_offline_guard_blocks_aiohttp(offline_guard: list[str]) -> None:
             await session.get("https://discord.com/api/v10/gateway")
     assert offline_guard == ["resolve 'discord.com'"]
     offline_guard.clear()
+
+
+async def test_channel_history_is_newest_first_paged_and_never_ephemeral(fake: FakeDiscord,
+                                                                         bot: DalleTestBot) -> None:
+    sent, interaction, _ = await _invoke(fake, bot, {"prompt": "a secret"}, user=fake.add_user("ivy"))
+    await interaction.response.send_message("only you can see this", ephemeral=True)
+    channel = bot.get_partial_messageable(interaction.channel_id)
+    posted = [await channel.send(f"post {k}") for k in range(5)]
+    newest = [m async for m in channel.history(limit=3)]
+    assert [m.content for m in newest] == ["post 4", "post 3", "post 2"]
+    older = [m async for m in channel.history(limit=10, before=newest[-1])]
+    assert [m.content for m in older] == ["post 1", "post 0"]  # the ephemeral reply is not listed
+    assert all(m.author.id == bot.user.id for m in newest + older) and len(posted) == 5
+
+    for role in fake.guild.roles.values():
+        role.permissions &= ~Permissions.READ_MESSAGE_HISTORY
+    with pytest.raises(discord.Forbidden):
+        [m async for m in channel.history(limit=3)]
