@@ -499,3 +499,20 @@ async def test_without_history_access_a_crashed_delivery_is_posted_again(
 
     posts = [m for m in fake.channel_messages(fake.channel) if m.attachments]
     assert len(posts) == 2 and queue.get(rid).reply_id == posts[-1].id
+
+
+async def test_a_private_result_sent_by_dm_before_a_crash_is_found_by_another_process(
+        fake: FakeDiscord, adapter: DiscordPlatform, queue: Queue, clock: Any, tmp_path: Path) -> None:
+    bob = fake.add_user("bob")
+    inter = await dalle(fake, bob, prompt="a crashed secret", private=True)
+    rid = stored(queue, inter).id
+    first = DiscordPlatform(settings(fake), queue)  # no token here: the private result goes by DM
+    try:
+        await _crash_after_posting(queue, first, rid, tmp_path)
+    finally:
+        await asyncio.to_thread(first.close)
+    await _recover_elsewhere(fake, queue, clock, tmp_path)
+
+    [dm] = fake.channel_messages(fake.dm_channel(bob))
+    assert len(dm.attachments) == 4 and queue.get(rid).reply_id == dm.id
+    assert [m for m in fake.channel_messages(fake.channel) if m.attachments] == []
