@@ -130,17 +130,16 @@ class Queue:
         from_status: str,
         to_status: str,
         reason: Callable[[Any], Any] | None = None,
-        ids_only: bool = False,
-    ) -> list[Any]:
+    ) -> list[RequestRecord]:
         """Run an UPDATE of requests and write one audit row per updated request; returns the
-        updated records (or only their ids, with ``ids_only``).
+        updated records.
 
         On PostgreSQL this is one statement (the audit INSERT is a data-modifying CTE over the
         UPDATE's RETURNING), on SQLite two (no network round trips to save there).
         ``reason`` maps the updated rows (a CTE or a Row) to the reason expression or value.
         """
         now = self.clock()
-        returning = [R.c.id, R.c.attempts] if ids_only else list(R.c)
+        returning = list(R.c)
         if self.db.is_sqlite:
             rows = conn.execute(stmt.returning(*returning)).all()
             self._audit(conn, [
@@ -151,7 +150,7 @@ class Queue:
         else:
             rows = conn.execute(self._audited_cte(stmt.returning(*returning), now, actor, action, from_status,
                                                   to_status, reason)).all()
-        return [r.id for r in rows] if ids_only else [RequestRecord.from_row(r) for r in rows]
+        return [RequestRecord.from_row(r) for r in rows]
 
     @staticmethod
     def _audited_cte(stmt: Any, now: dt.datetime, actor: str, action: str, from_status: str, to_status: str,
@@ -378,17 +377,15 @@ class Queue:
             owned = set(conn.execute(select(R.c.id).where(
                 R.c.id.in_([g.request_id for g in results]), R.c.status == S.RUNNING.value,
                 R.c.lease_token == claim.token)).scalars())
-            todo = [g for g in results if g.request_id in owned]
+            todo = [(g, (S.HELD if g.hold_reason else S.GENERATED).value) for g in results if g.request_id in owned]
             if todo:
                 conn.execute(_SQLITE_COMPLETE, [
-                    {"rid": g.request_id, "to": (S.HELD if g.hold_reason else S.GENERATED).value,
-                     "paths": list(g.image_paths), "scores": [float(x) for x in g.nsfw_scores],
-                     "new_seed": g.seed, "now": now} for g in todo])
+                    {"rid": g.request_id, "to": to, "paths": list(g.image_paths),
+                     "scores": [float(x) for x in g.nsfw_scores], "new_seed": g.seed, "now": now} for g, to in todo])
                 self._audit(conn, [
                     {"request_id": g.request_id, "actor": actor, "action": "held" if g.hold_reason else "generated",
-                     "from_status": S.RUNNING.value, "to_status": (S.HELD if g.hold_reason else S.GENERATED).value,
-                     "reason": g.hold_reason} for g in todo])
-        return [g.request_id for g in todo]
+                     "from_status": S.RUNNING.value, "to_status": to, "reason": g.hold_reason} for g, to in todo])
+        return [g.request_id for g, _to in todo]
 
     def fail(self, claim: Claim, request_id: int, error: str, *, permanent: bool = False) -> RequestRecord:
         """A generation attempt failed: retry later with backoff, or ``dead``/``failed``."""
