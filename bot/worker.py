@@ -163,8 +163,7 @@ class Worker:
         for g in results:
             if g.request_id not in recorded:
                 self.stats.lost += 1
-                _log.warning("request %d is no longer running under this worker's lease (reclaimed by another "
-                             "worker, cancelled, or finished): result dropped", g.request_id,
+                _log.warning("%s", LeaseLost.for_request(g.request_id, Status.RUNNING),
                              extra={"request_id": g.request_id})
                 continue
             self.stats.generated += 1
@@ -172,7 +171,7 @@ class Worker:
             if g.hold_reason:
                 self.metrics.held.inc()
             _log.info("generated %d image(s)", len(g.image_paths),
-                      extra={"request_id": g.request_id, "action": "held" if g.hold_reason else "generated"})
+                      extra={"request_id": g.request_id, "action": g.action})
         return len(claim)
 
     def _save(self, claim: Claim, r: RequestRecord, job: GenerationJob, imgs: list[Image.Image] | Exception

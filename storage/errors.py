@@ -36,4 +36,9 @@ class IllegalTransition(StorageError):
 
 
 class LeaseLost(StorageError):
-    pass
+    """A worker's update found the request no longer under its lease."""
+
+    @classmethod
+    def for_request(cls, request_id: int, status: str) -> "LeaseLost":
+        return cls(f"request {request_id} is no longer {status} under this worker's lease "
+                   "(reclaimed by another worker, cancelled, or finished): result dropped")

@@ -331,10 +331,7 @@ class Queue:
                                     from_status=expected.value, to_status=target.value,
                                     reason=None if reason is None else (lambda _r: reason))
         if not rows:
-            raise LeaseLost(
-                f"request {request_id} is no longer {expected} under this worker's lease "
-                "(reclaimed by another worker, cancelled, or finished): result dropped"
-            )
+            raise LeaseLost.for_request(request_id, expected)
         return rows[0]
 
     def complete(
@@ -351,10 +348,7 @@ class Queue:
         this claim no longer owns the request."""
         if not self.complete_many(claim, [Generated(request_id, list(image_paths), list(nsfw_scores),
                                                     hold_reason, seed)]):
-            raise LeaseLost(
-                f"request {request_id} is no longer running under this worker's lease "
-                "(reclaimed by another worker, cancelled, or finished): result dropped"
-            )
+            raise LeaseLost.for_request(request_id, S.RUNNING)
         return self.get(request_id)
 
     def complete_many(self, claim: Claim, results: Sequence[Generated]) -> list[int]:
@@ -370,6 +364,7 @@ class Queue:
             done = {row[0] for row in self.db.run_prepared(_PG_COMPLETE, dict(
                 ids=[g.request_id for g in results], paths=[json.dumps(list(g.image_paths)) for g in results],
                 scores=[json.dumps([float(x) for x in g.nsfw_scores]) for g in results],
+                statuses=[g.status.value for g in results], actions=[g.action for g in results],
                 holds=[g.hold_reason for g in results], seeds=[g.seed for g in results],
                 now=now, token=claim.token, actor=actor))}
             return [g.request_id for g in results if g.request_id in done]
@@ -377,15 +372,16 @@ class Queue:
             owned = set(conn.execute(select(R.c.id).where(
                 R.c.id.in_([g.request_id for g in results]), R.c.status == S.RUNNING.value,
                 R.c.lease_token == claim.token)).scalars())
-            todo = [(g, (S.HELD if g.hold_reason else S.GENERATED).value) for g in results if g.request_id in owned]
+            todo = [g for g in results if g.request_id in owned]
             if todo:
                 conn.execute(_SQLITE_COMPLETE, [
-                    {"rid": g.request_id, "to": to, "paths": list(g.image_paths),
-                     "scores": [float(x) for x in g.nsfw_scores], "new_seed": g.seed, "now": now} for g, to in todo])
+                    {"rid": g.request_id, "to": g.status.value, "paths": list(g.image_paths),
+                     "scores": [float(x) for x in g.nsfw_scores], "new_seed": g.seed, "now": now} for g in todo])
                 self._audit(conn, [
-                    {"request_id": g.request_id, "actor": actor, "action": "held" if g.hold_reason else "generated",
-                     "from_status": S.RUNNING.value, "to_status": to, "reason": g.hold_reason} for g, to in todo])
-        return [g.request_id for g, _to in todo]
+                    {"request_id": g.request_id, "actor": actor, "action": g.action,
+                     "from_status": S.RUNNING.value, "to_status": g.status.value, "reason": g.hold_reason}
+                    for g in todo])
+        return [g.request_id for g in todo]
 
     def fail(self, claim: Claim, request_id: int, error: str, *, permanent: bool = False) -> RequestRecord:
         """A generation attempt failed: retry later with backoff, or ``dead``/``failed``."""
@@ -819,7 +815,7 @@ _AUDIT_INSERT = insert(A)
 # plan, FOR UPDATE SKIP LOCKED), so the UPDATE reaches them through the primary key; the audit rows
 # are written by a CTE over the UPDATE's RETURNING. One round trip, a prepared statement, run by the
 # driver (:meth:`storage.db.Database.run_prepared`); JSON columns come back as text.
-_PG_RETURNING = ", ".join(f"{name}::text" if name in ("options", "image_paths", "nsfw_scores") else name
+_PG_RETURNING = ", ".join(f"{name}::text" if isinstance(R.c[name].type, sa.JSON) else name
                           for name in REQUEST_FIELDS)
 _PG_CLAIM = f"""
 WITH upd AS (
@@ -845,19 +841,17 @@ _SQLITE_COMPLETE = update(R).where(R.c.id == sa.bindparam("rid")).values(
 # Generated results on PostgreSQL (:meth:`Queue.complete_many`), fenced by the claim's lease token.
 _PG_COMPLETE = """
 WITH v AS (
-    SELECT * FROM unnest(%(ids)s::bigint[], %(paths)s::text[], %(scores)s::text[], %(holds)s::text[],
-                         %(seeds)s::bigint[]) AS t(id, paths, scores, hold, seed)
+    SELECT * FROM unnest(%(ids)s::bigint[], %(paths)s::text[], %(scores)s::text[], %(statuses)s::text[],
+                         %(actions)s::text[], %(holds)s::text[], %(seeds)s::bigint[])
+                  AS t(id, paths, scores, status, action, hold, seed)
 ), upd AS (
     UPDATE requests r SET image_paths = v.paths::json, nsfw_scores = v.scores::json,
-        seed = coalesce(v.seed, r.seed),
-        status = CASE WHEN v.hold IS NULL THEN 'generated' ELSE 'held_for_review' END,
+        seed = coalesce(v.seed, r.seed), status = v.status,
         lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, error = NULL, updated_at = %(now)s
     FROM v WHERE r.id = v.id AND r.status = 'running' AND r.lease_token = %(token)s
-    RETURNING r.id, r.status, v.hold
+    RETURNING r.id, v.status, v.action, v.hold
 ), audit AS (
     INSERT INTO audit_log (request_id, actor, action, from_status, to_status, reason, created_at)
-    SELECT id, %(actor)s, CASE WHEN hold IS NULL THEN 'generated' ELSE 'held' END, 'running', status, hold,
-           %(now)s
-    FROM upd
+    SELECT id, %(actor)s, action, 'running', status, hold, %(now)s FROM upd
 )
 SELECT id FROM upd"""

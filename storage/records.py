@@ -53,6 +53,15 @@ class Generated:
     hold_reason: str | None = None
     seed: int | None = None
 
+    @property
+    def status(self) -> Status:
+        return Status.HELD if self.hold_reason else Status.GENERATED
+
+    @property
+    def action(self) -> str:
+        """The queue-log action that records it."""
+        return "held" if self.hold_reason else "generated"
+
 
 @dataclass(frozen=True, slots=True)
 class RequestRecord:

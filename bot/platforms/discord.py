@@ -598,15 +598,23 @@ class DiscordPlatform:
         when its token lives in this process; otherwise the bot's recent messages where the result
         goes (the channel, or the DM for a private request), whichever process posted them: the
         images' file names carry the request id. None means post again."""
+        msg = await self._answered_interaction(request) or await self._posted_result(request)
+        if msg is None:
+            return None
+        self.tracked.pop(request.id, None)
+        return Delivery(reply_id=str(msg.id), reply_url=msg.jump_url)
+
+    async def _answered_interaction(self, request: RequestRecord) -> discord.Message | None:
         tracked = self.tracked.get(request.id)
-        if tracked is not None:
-            try:
-                msg = await tracked.interaction.original_response()
-            except discord.HTTPException:
-                msg = None
-            if msg is not None and msg.attachments:
-                self.tracked.pop(request.id, None)
-                return Delivery(reply_id=str(msg.id), reply_url=msg.jump_url)
+        if tracked is None:
+            return None
+        try:
+            msg = await tracked.interaction.original_response()
+        except discord.HTTPException:
+            return None
+        return msg if msg.attachments else None
+
+    async def _posted_result(self, request: RequestRecord) -> discord.Message | None:
         prefix = f"dalle-{request.id}-"
         try:
             if request.options.get("private"):
@@ -618,8 +626,7 @@ class DiscordPlatform:
             me = self.client.user.id if self.client.user else None
             async for msg in channel.history(limit=RECOVERY_LOOKBACK):
                 if msg.author.id == me and any(a.filename.startswith(prefix) for a in msg.attachments):
-                    self.tracked.pop(request.id, None)
-                    return Delivery(reply_id=str(msg.id), reply_url=msg.jump_url)
+                    return msg
         except (discord.HTTPException, discord.RateLimited) as exc:
             # No history permission, a deleted channel, a rate limit: posting again is the safe side
             # of "at least once".
