@@ -43,7 +43,8 @@ class Ours:
         from .pipeline import Pipeline
 
         self.pipe = Pipeline.load(bundle, threads=threads, provider=provider, verify=False)
-        self.label = f"ours ({self.pipe.bundle.dtype}, {self.pipe.device})"
+        extra = (", device sampling" if self.pipe._sampler else "") + (", CUDA graphs" if self.pipe.cuda_graph else "")
+        self.label = f"ours ({self.pipe.bundle.dtype}, {self.pipe.device}{extra})"
 
     def start(self, batch: int) -> None:
         self.steps = self.pipe.start([PROMPT], batch, [0]).steps

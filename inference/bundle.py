@@ -40,6 +40,12 @@ ENCODER_INPUTS = ("input_ids", "attention_mask")            # (R, T) int64 each
 ENCODER_OUTPUTS = ("cross_kv",)                             # (L, 2, R, H, T, Dh)
 DECODER_FIXED_INPUTS = ("token", "position", "text_mask")   # (R,) int64, (1,) int64, (R, T) int64
 DECODER_OUTPUTS = ("logits", "new_kv")                      # (R, Vi) float32, (L, 2, R, H, Dh)
+# Decoders exported with cache="sample" also sample on the device (inference.model.sampler): the
+# sampled codes feed the next step directly. Extra inputs, after DECODER_FIXED_INPUTS:
+SAMPLER_INPUTS = ("uniforms", "codes", "condition_scale", "temperature", "top_k", "top_p")
+#   (B, N) float64, (B, N) int64, (1,) float32, (1,) float32, (1,) int64 in 1..kmax, (1,) float64
+# and outputs, before the updated caches present_* (as cache="present"):
+SAMPLER_OUTPUTS = ("next_token", "next_position", "codes_out")   # (R,) int64, (1,) int64, (B, N) int64
 VQGAN_INPUTS = ("codes",)                                   # (B, N) int64
 VQGAN_OUTPUTS = ("pixels",)                                 # (B, S, S, 3) float32
 
@@ -92,6 +98,12 @@ class Bundle:
     @property
     def random_weights(self) -> bool:
         return bool(self.manifest.get("random_weights", False))
+
+    @property
+    def sampler_kmax(self) -> int | None:
+        """For a decoder that samples on the device: the most codes it can keep (top_k <= kmax)."""
+        ds = self.manifest.get("device_sampler")
+        return int(ds["kmax"]) if ds else None
 
     def path(self, file: str) -> Path:
         return self.root / file
@@ -153,6 +165,9 @@ def _check_manifest(m: dict[str, Any]) -> tuple[ModelConfig, VQGANConfig, Sampli
         raise ValueError(f"VQGAN token grid {vqgan.token_grid} != decoder image grid {model.image_grid}")
     if model.num_codes > vqgan.n_embed:
         raise ValueError(f"num_codes {model.num_codes} exceeds the VQGAN codebook ({vqgan.n_embed})")
+    ds = m.get("device_sampler")
+    if ds is not None and not (isinstance(ds, dict) and isinstance(ds.get("kmax"), int) and ds["kmax"] >= 1):
+        raise ValueError("device_sampler must be {\"kmax\": a positive integer}")
     if m["image"] != image_fields(model, vqgan) or m["special_tokens"] != special_token_fields(model):
         raise ValueError("image/special_tokens sections disagree with the model config")
     files = m["files"]
@@ -178,9 +193,11 @@ def special_token_fields(model: ModelConfig) -> dict[str, int]:
 
 def write_manifest(root: Path, *, name: str, model: ModelConfig, vqgan: VQGANConfig, dtype: str,
                    sampling: SamplingDefaults, provenance: dict[str, Any], license: str,
-                   random_weights: bool, files: Iterable[str], description: str = "") -> dict[str, Any]:
+                   random_weights: bool, files: Iterable[str], description: str = "",
+                   device_sampler: dict[str, int] | None = None) -> dict[str, Any]:
     """Hash ``files`` (names inside ``root``) and write ``manifest.json`` last, so a half-written
-    bundle is never taken for a complete one."""
+    bundle is never taken for a complete one. ``device_sampler`` ({"kmax": K}) marks a decoder
+    exported with cache="sample"."""
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -193,6 +210,7 @@ def write_manifest(root: Path, *, name: str, model: ModelConfig, vqgan: VQGANCon
         "image": image_fields(model, vqgan),
         "special_tokens": special_token_fields(model),
         "sampling": sampling.to_dict(),
+        **({"device_sampler": device_sampler} if device_sampler else {}),
         "graphs": dict(GRAPHS),
         "tokenizer": dict(TOKENIZER_FILES),
         "provenance": provenance,

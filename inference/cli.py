@@ -31,8 +31,9 @@ def _setup_logging() -> None:
 @click.option("--vqgan", type=click.Path(path_type=Path), help="VQGAN folder (default: a vqgan* folder beside or inside --from).")
 @click.option("--dtype", type=click.Choice(sorted(DTYPE_NAMES)), default="fp32", show_default=True,
               help="fp16 for GPUs (VQGAN and lm_head stay fp32); int8 = dynamic quantisation for CPUs.")
-@click.option("--cache", type=click.Choice(["auto", "inplace", "present"]), default="auto", show_default=True,
-              help="Decoder cache interface: inplace (CPU), present (GPU); auto picks present for fp16.")
+@click.option("--cache", type=click.Choice(["auto", "inplace", "present", "sample"]), default="auto", show_default=True,
+              help="Decoder interface: inplace (CPU), present (GPU), sample (GPU: also samples on the device, "
+                   "so steps replay as CUDA graphs; top_k at most 256); auto picks present for fp16.")
 @click.option("--random-weights", type=click.Choice(["mini", "mega"]), help="Full-size architecture with random weights (benchmarks only).")
 @click.option("--name", help="Model name for the manifest (default: from the checkpoint).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")

@@ -42,12 +42,13 @@ from tqdm import tqdm
 
 from .bundle import (
     DECODER_FIXED_INPUTS, DECODER_OUTPUTS, DTYPES, ENCODER_INPUTS, ENCODER_OUTPUTS, GRAPHS,
-    TOKENIZER_FILES, VQGAN_INPUTS, VQGAN_OUTPUTS, WORD_FREQUENCY_FILE, Bundle, SamplingDefaults,
+    SAMPLER_INPUTS, SAMPLER_OUTPUTS, TOKENIZER_FILES, VQGAN_INPUTS, VQGAN_OUTPUTS, WORD_FREQUENCY_FILE, Bundle, SamplingDefaults,
     decoder_kv_inputs, write_manifest,
 )
 from .config import ModelConfig, VQGANConfig
 from .errors import InferenceError
 from .model import DalleBartDecoder, DalleBartEncoder, VQGANDecoder
+from .model.sampler import DEFAULT_KMAX, DeviceSampler
 
 _log = logging.getLogger(__name__)
 
@@ -139,6 +140,33 @@ class DecoderStepGraph(nn.Module):
         return (logits, *present)
 
 
+class DecoderSampleGraph(nn.Module):
+    """(token, position, text_mask, uniforms, codes, condition_scale, temperature, top_k, top_p,
+    past K/V x 2L, cross K/V x 2L) -> (next_token, next_position, codes_out, present K/V x 2L).
+
+    One step that also samples (``DeviceSampler``): the step's code goes into column ``position`` of
+    the codes buffer and, for both the unconditional and the conditional row of each image, into the
+    next token; the position advances by one. Fed its own outputs (two buffer sets, swapped), the
+    decoder runs all steps with no host work and no copy back until the codes are read at the end.
+    """
+
+    def __init__(self, decoder: DalleBartDecoder, kmax: int = DEFAULT_KMAX) -> None:
+        super().__init__()
+        self.step = DecoderStepGraph(decoder, present=True)
+        self.sampler = DeviceSampler(decoder.cfg.num_codes, kmax)
+        self.image_length = decoder.cfg.image_length
+
+    def forward(self, token: torch.Tensor, position: torch.Tensor, text_mask: torch.Tensor, uniforms: torch.Tensor,
+                codes: torch.Tensor, condition_scale: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                top_p: torch.Tensor, *kv: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits, *present = self.step(token, position, text_mask, *kv)
+        u = torch.index_select(uniforms, 1, position)[:, 0]                                 # (B,)
+        code = self.sampler(logits.float(), u, condition_scale, temperature, top_k, top_p)   # (B,)
+        cols = torch.arange(self.image_length, device=token.device).view(1, -1)
+        codes_out = torch.where(cols == position, code[:, None], codes)
+        return (torch.cat([code, code]), position + 1, codes_out, *present)
+
+
 class VQGANGraph(nn.Module):
     def __init__(self, vqgan: VQGANDecoder) -> None:
         super().__init__()
@@ -177,6 +205,7 @@ def _quiet_export() -> Iterator[None]:
 
 
 ROWS = torch.export.Dim("rows", min=1, max=4096)
+IMAGES = torch.export.Dim("images", min=1, max=2048)
 
 
 def export_graph(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, input_names: list[str],
@@ -190,7 +219,7 @@ def export_graph(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, 
     return [path, data] if data.exists() else [path]
 
 
-CACHE_MODES = ("inplace", "present")
+CACHE_MODES = ("inplace", "present", "sample")
 
 
 def export_graphs(parts: ModelParts, out_dir: Path, dtype: str = "float32", cache: str = "auto",
@@ -200,7 +229,9 @@ def export_graphs(parts: ModelParts, out_dir: Path, dtype: str = "float32", cach
     names written.
 
     cache: "inplace" (decoder returns new_kv; best on CPU), "present" (returns updated caches; for
-    GPUs) or "auto" (present for float16, else inplace).
+    GPUs), "sample" (present, and samples the next code on the device: ``DecoderSampleGraph``; for
+    GPUs, where it lets the runtime replay each step as a CUDA graph) or "auto" (present for
+    float16, else inplace).
     """
     if dtype not in DTYPES:
         raise InferenceError(f"--dtype must be one of {', '.join(DTYPES)}")
@@ -208,6 +239,8 @@ def export_graphs(parts: ModelParts, out_dir: Path, dtype: str = "float32", cach
         cache = "present" if dtype == "float16" else "inplace"
     if cache not in CACHE_MODES:
         raise InferenceError(f"cache mode must be one of auto, {', '.join(CACHE_MODES)}")
+    if cache == "sample" and dtype == "int8":
+        raise InferenceError("--cache sample is for GPUs (float16 or float32); int8 bundles sample on the host")
     cfg = parts.config
     parts.eval()
     encoder, decoder = parts.encoder, parts.decoder
@@ -218,13 +251,29 @@ def export_graphs(parts: ModelParts, out_dir: Path, dtype: str = "float32", cach
     ex = example_inputs(cfg, rows=4, dtype=kv_dtype)
     kv_names = decoder_kv_inputs(cfg.decoder_layers)
     rows = {0: ROWS}   # the row (batch) axis is dynamic everywhere
+    present_names = [n.replace("past_", "present_") for n in kv_names[:2 * cfg.decoder_layers]]
+    if cache == "sample":
+        # rows = 2 x images: the sampler pairs row i (unconditional) with row B + i (conditional)
+        img = {0: IMAGES}
+        r2 = {0: 2 * IMAGES}
+        b = ex["decoder"][0].shape[0] // 2
+        sampler_args = (torch.zeros(b, cfg.image_length, dtype=torch.float64),
+                        torch.zeros(b, cfg.image_length, dtype=torch.long), torch.ones(1), torch.ones(1),
+                        torch.ones(1, dtype=torch.long), torch.ones(1, dtype=torch.float64))
+        token, position, mask, *kv = ex["decoder"]
+        ex["decoder"] = (token, position, mask, *sampler_args, *kv)
+        decoder_spec = ("decoder", DecoderSampleGraph(decoder), [*DECODER_FIXED_INPUTS, *SAMPLER_INPUTS, *kv_names],
+                        [*SAMPLER_OUTPUTS, *present_names],
+                        (r2, None, r2, img, img, None, None, None, None, tuple(r2 for _ in kv_names)))
+    else:
+        decoder_spec = ("decoder", DecoderStepGraph(decoder, present=cache == "present"),
+                        [*DECODER_FIXED_INPUTS, *kv_names],
+                        ["logits", *present_names] if cache == "present" else list(DECODER_OUTPUTS),
+                        (rows, None, rows, tuple(rows for _ in kv_names)))
     specs = [
         ("encoder", EncoderGraph(encoder, decoder), list(ENCODER_INPUTS), list(ENCODER_OUTPUTS),
          (rows, rows)),
-        ("decoder", DecoderStepGraph(decoder, present=cache == "present"), [*DECODER_FIXED_INPUTS, *kv_names],
-         ["logits", *(n.replace("past_", "present_") for n in kv_names[:2 * cfg.decoder_layers])]
-         if cache == "present" else list(DECODER_OUTPUTS),
-         (rows, None, rows, tuple(rows for _ in kv_names))),
+        decoder_spec,
         ("vqgan", VQGANGraph(parts.vqgan), list(VQGAN_INPUTS), list(VQGAN_OUTPUTS), (rows,)),
     ]
     written: list[str] = []
@@ -344,5 +393,6 @@ def export_bundle(parts: ModelParts, tokenizer_dir: str | Path, out_dir: str | P
             **(provenance or {}), **({"int8_report": report} if report else {})}
     write_manifest(out, name=name, model=parts.config, vqgan=parts.vqgan_config, dtype=dtype,
                    sampling=sampling or SamplingDefaults(), provenance=prov, license=license,
-                   random_weights=random_weights, files=files, description=description)
+                   random_weights=random_weights, files=files, description=description,
+                   device_sampler={"kmax": min(DEFAULT_KMAX, parts.config.num_codes)} if cache == "sample" else None)
     return Bundle.open(out, verify=False)

@@ -27,11 +27,15 @@ returns every layer's cross-attention keys/values; rows are then laid out as 2B 
 (B unconditional, then B conditional); the decoder graph runs image_length steps with a
 self-attention KV cache held in preallocated buffers bound once with IO binding (per step only the
 position changes and the new keys/values are copied into column t); numpy does guidance and sampling;
-the VQGAN graph turns codes into pixels.
+the VQGAN graph turns codes into pixels. Bundles exported with ``--cache sample`` (for GPUs) sample
+inside the decoder graph instead, exactly as the numpy sampler does (same uniforms, same codes):
+each step's outputs are the next step's inputs in buffers on the device, so no step waits on the
+host, and on CUDA each step is captured once per batch size and replayed as a CUDA graph.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import secrets
@@ -44,8 +48,8 @@ import onnxruntime as ort
 from PIL import Image
 
 from .bundle import (
-    DECODER_OUTPUTS, ENCODER_INPUTS, GRAPHS, TOKENIZER_FILES, VQGAN_INPUTS, WORD_FREQUENCY_FILE, Bundle,
-    decoder_kv_inputs,
+    DECODER_FIXED_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, GRAPHS, SAMPLER_INPUTS, SAMPLER_OUTPUTS, TOKENIZER_FILES,
+    VQGAN_INPUTS, WORD_FREQUENCY_FILE, Bundle, decoder_kv_inputs,
 )
 from .errors import BundleError, InferenceError, PromptError
 from .images import to_pil
@@ -93,6 +97,26 @@ def _session_options(threads: int, spin: bool, prepack: bool) -> ort.SessionOpti
     return opts
 
 
+def _session(path: Path, opts: ort.SessionOptions, providers: list[str], cuda_graph: bool) -> ort.InferenceSession:
+    try:
+        if cuda_graph:
+            try:
+                return ort.InferenceSession(str(path), opts, providers=[
+                    ("CUDAExecutionProvider", {"enable_cuda_graph": "1"}), *providers[1:]])
+            except Exception as e:  # noqa: BLE001 - fall back to plain runs
+                _log.warning("CUDA graphs refused for %s (%s); running the decoder without them",
+                             path.name, str(e).splitlines()[0][:200])
+        return ort.InferenceSession(str(path), opts, providers=providers)
+    except Exception as e:  # onnxruntime raises its own exception types for unreadable graphs
+        raise BundleError(f"onnxruntime cannot load {path} ({str(e).splitlines()[0][:200]}); "
+                          "re-export the bundle") from None
+
+
+def _cuda_graph_enabled(sess: ort.InferenceSession) -> bool:
+    opts = sess.get_provider_options().get("CUDAExecutionProvider", {})
+    return str(opts.get("enable_cuda_graph", "0")) == "1"
+
+
 def _providers(provider: str) -> list[str]:
     have = ort.get_available_providers()
     if provider not in ("auto", "cpu", "cuda"):
@@ -122,11 +146,15 @@ class Pipeline:
         past = next(i for i in dec.get_inputs() if i.name == "past_key_0")
         self._kv_dtype = np.float16 if past.type == "tensor(float16)" else np.float32
         self._present = any(o.name.startswith("present_") for o in dec.get_outputs())
+        self._sampler = any(o.name == SAMPLER_OUTPUTS[0] for o in dec.get_outputs())
+        self.cuda_graph = False          # set by load(): decoder steps replayed as CUDA graphs
+        self._graph_states: dict[int, _SamplerState] = {}   # rows -> buffers (fixed addresses) + bindings
+        self._plain_decoder: Callable[[], ort.InferenceSession] | None = None   # the decoder without CUDA graphs
 
     # ----------------------------------------------------------------------------------------------
     @classmethod
     def load(cls, bundle_dir: str | Path, *, threads: int = 0, provider: str = "auto", verify: bool = True,
-             spin: bool = False) -> "Pipeline":
+             spin: bool = False, cuda_graph: bool = True) -> "Pipeline":
         """Open and verify a bundle and create the three sessions.
 
         threads: intra-op threads per session (0 = onnxruntime's default, all cores).
@@ -135,6 +163,9 @@ class Pipeline:
         spin: let onnxruntime's idle worker threads busy-wait for work. Off by default: on a machine
         shared with the bot (or anything else) spinning threads steal the cores they wait for;
         measured on the 2-core dev box, DALL·E Mini decoder steps ran ~1.6x faster without it.
+        cuda_graph: on CUDA, for a bundle whose decoder samples on the device (``--cache sample``),
+        capture each decoder step once per batch size and replay it as a CUDA graph (no per-kernel
+        launch cost). Falls back to plain runs, with a warning, where onnxruntime refuses.
         """
         bundle = Bundle.open(bundle_dir, verify=verify)
         providers = _providers(provider)
@@ -143,13 +174,12 @@ class Pipeline:
             # The encoder runs once per request: skip weight pre-packing there (saves a copy of its
             # weights, ~700 MB for DALL·E Mini, for +30% on a step that takes ~1% of the time).
             opts = _session_options(threads, spin, prepack=part != "encoder")
-        sessions = {}
-        for part in GRAPHS:
-            try:
-                sessions[part] = ort.InferenceSession(str(bundle.graph(part)), opts, providers=providers)
-            except Exception as e:  # onnxruntime raises its own exception types for unreadable graphs
-                raise BundleError(f"onnxruntime cannot load {bundle.graph(part)} ({str(e).splitlines()[0][:200]}); "
-                                  "re-export the bundle") from None
+            graphed = (part == "decoder" and cuda_graph and bundle.sampler_kmax is not None
+                       and providers[0] == "CUDAExecutionProvider")
+            sessions[part] = _session(bundle.graph(part), opts, providers, graphed)
+            if part == "decoder":
+                plain = functools.partial(_session, bundle.graph(part), opts, providers, False)
+        device = "cuda" if sessions["decoder"].get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         cfg = bundle.model
         tok = BartTokenizer(bundle.path(TOKENIZER_FILES["vocab"]), bundle.path(TOKENIZER_FILES["merges"]),
                             text_length=cfg.text_length, bos_id=cfg.text_bos_id, pad_id=cfg.text_pad_id,
@@ -158,9 +188,13 @@ class Pipeline:
             raise BundleError(f"vocab.json has {tok.vocab_size} tokens but the encoder only {cfg.text_vocab_size} rows; "
                               "the bundle's tokenizer does not belong to its model")
         hashtags = HashtagSplitter.from_file(bundle.path(WORD_FREQUENCY_FILE)) if bundle.has(WORD_FREQUENCY_FILE) else None
-        device = "cuda" if sessions["decoder"].get_providers()[0] == "CUDAExecutionProvider" else "cpu"
-        _log.info("loaded bundle %s (%s, %s) on %s", bundle.name, cfg.d_model, bundle.dtype, device)
-        return cls(bundle, sessions, tok, TextNormalizer(hashtags), device)
+        graph = _cuda_graph_enabled(sessions["decoder"])
+        _log.info("loaded bundle %s (%s, %s) on %s%s", bundle.name, cfg.d_model, bundle.dtype, device,
+                  ", decoder steps as CUDA graphs" if graph else "")
+        pipe = cls(bundle, sessions, tok, TextNormalizer(hashtags), device)
+        pipe.cuda_graph = graph
+        pipe._plain_decoder = plain
+        return pipe
 
     def sampling_params(self, **overrides: Any) -> SamplingParams:
         """Manifest defaults, with the given non-None settings on top."""
@@ -252,7 +286,10 @@ class Pipeline:
         cross_kv = np.ascontiguousarray(cross_small[:, :, rows])        # (L, 2, R, H, T, Dh)
         text_mask = np.ascontiguousarray(mask[rows])                    # (R, T)
         codes = np.zeros((b, n_steps), dtype=np.int64)                  # (B, N), filled step by step
-        loop = self._decode_present if self._present else self._decode_inplace
+        if self._sampler:
+            loop = self._decode_sampled
+        else:
+            loop = self._decode_present if self._present else self._decode_inplace
         return Generation(codes, counts, loop(cross_kv, text_mask, uniforms, params, codes))
 
     # ----------------------------------------------------------------------------------------------
@@ -326,6 +363,64 @@ class Pipeline:
             token[:b] = token[b:] = codes[:, t]
             yield t + 1
 
+    def _decode_sampled(self, cross_kv: np.ndarray, text_mask: np.ndarray, uniforms: np.ndarray,
+                        params: SamplingParams, codes: np.ndarray) -> Iterator[int]:
+        """Decoder loop for graphs that sample on the device (cache="sample"): each step's outputs
+        (next token, next position, codes so far, updated caches) are the next step's inputs, in two
+        buffer sets on the session's device swapped every step; nothing crosses to the host until
+        the codes are read after the last step. With ``cuda_graph`` each of the two bindings is
+        captured once per row count and replayed, so its buffers are kept (and refilled in place)
+        for the next request of the same size."""
+        cfg, sess = self.config, self.sessions["decoder"]
+        layers, _, r, h, _, dh = cross_kv.shape
+        b, n_steps = r // 2, cfg.image_length
+        n = cfg.num_codes
+        k = n if params.top_k == 0 else min(params.top_k, n)
+        kmax = self.bundle.sampler_kmax or n
+        if k > kmax:
+            raise InferenceError(f"this bundle samples on the device from the {kmax} most likely codes: "
+                                 f"top_k must be 1..{kmax} (got {params.top_k}); "
+                                 "or export the bundle with --cache present to sample on the host")
+        inputs = {
+            "text_mask": text_mask, "uniforms": np.ascontiguousarray(uniforms, dtype=np.float64),
+            "condition_scale": np.array([params.condition_scale], np.float32),
+            "temperature": np.array([params.temperature], np.float32),
+            "top_k": np.array([k], np.int64), "top_p": np.array([params.top_p], np.float64),
+            "token": np.full(r, cfg.decoder_start_token_id, dtype=np.int64), "position": np.zeros(1, np.int64),
+        }
+        cross = [np.ascontiguousarray(cross_kv[i, j], dtype=self._kv_dtype) for i in range(layers) for j in range(2)]
+        state = self._graph_states.get(r) if self.cuda_graph else None
+        if state is None or state.busy:
+            # a new size, or a generation of this size is still running (generations may interleave):
+            # fresh buffers; only the first set for a size is captured, the others run plainly
+            keep = self.cuda_graph and state is None
+            state = _SamplerState.create(sess, self.device, inputs, cross, (b, n_steps), layers,
+                                         (r, h, n_steps, dh), self._kv_dtype,
+                                         first_graph_id=1 + 2 * len(self._graph_states) if keep else None)
+            if keep:
+                self._graph_states[r] = state
+        else:
+            state.refill(inputs, cross)
+        state.busy = True
+        try:
+            for t in range(n_steps):
+                try:
+                    sess.run_with_iobinding(state.bindings[t % 2], state.run_options[t % 2])
+                except Exception as e:  # noqa: BLE001 - a capture onnxruntime cannot do: run without graphs
+                    if not (self.cuda_graph and t < 2 and self._plain_decoder):
+                        raise
+                    _log.warning("CUDA graph capture failed (%s); running the decoder without CUDA graphs",
+                                 str(e).splitlines()[0][:200])
+                    self.sessions["decoder"] = self._plain_decoder()
+                    self.cuda_graph, self._graph_states = False, {}
+                    yield from self._decode_sampled(cross_kv, text_mask, uniforms, params, codes)
+                    return
+                if t == n_steps - 1:
+                    codes[:] = state.codes[n_steps % 2].numpy()     # before the last yield, as the host loops
+                yield t + 1
+        finally:
+            state.busy = False
+
     # ----------------------------------------------------------------------------------------------
     def decode_pixels(self, codes: np.ndarray, batch: int | None = None) -> np.ndarray:
         """codes (B, N) -> pixels (B, S, S, 3) float32 in [0, 1], in chunks of ``batch`` images.
@@ -361,6 +456,72 @@ class Generation:
             if progress:
                 progress(t, n)
         return np.split(self.codes, np.cumsum(self.counts)[:-1])
+
+
+@dataclass
+class _SamplerState:
+    """Buffers and the two IO bindings of the device-sampling decoder loop. Set s (0 or 1) holds a
+    step's inputs; the other set receives its outputs. Inputs that stay the same for a whole request
+    (text mask, uniforms, sampling settings, cross K/V) are bound to both bindings."""
+
+    values: dict[str, Any]               # fixed inputs: name -> OrtValue
+    cross: list[Any]                     # cross K/V OrtValues
+    codes: list[Any]                     # the two codes buffers (B, N)
+    bindings: list[Any]
+    run_options: list[Any]
+    host: list[np.ndarray]               # on CPU, OrtValues wrap these arrays: keep them alive
+    busy: bool = False                   # a generation is running on these buffers
+
+    @classmethod
+    def create(cls, sess: ort.InferenceSession, device: str, inputs: dict[str, np.ndarray], cross: list[np.ndarray],
+               codes_shape: tuple[int, int], layers: int, cache_shape: tuple[int, ...], kv_dtype: Any,
+               first_graph_id: int | None) -> "_SamplerState":
+        """first_graph_id: the CUDA graph ids of the two bindings (first, first + 1), or None to run
+        them without capture (graph id -1)."""
+        host: list[np.ndarray] = []
+
+        def value(a: np.ndarray) -> Any:
+            a = np.array(a, copy=True, order="C")
+            host.append(a)
+            return ort.OrtValue.ortvalue_from_numpy(a, device, 0)
+
+        fixed = {name: value(inputs[name]) for name in ("text_mask", *SAMPLER_INPUTS) if name != "codes"}
+        token = [value(inputs["token"]), value(inputs["token"])]
+        position = [value(inputs["position"]), value(inputs["position"])]
+        codes = [value(np.zeros(codes_shape, np.int64)) for _ in range(2)]
+        caches = [[value(np.zeros(cache_shape, kv_dtype)) for _ in range(2 * layers)] for _ in range(2)]
+        cross_vals = [value(c) for c in cross]
+        names = decoder_kv_inputs(layers)
+        present = [nm.replace("past_", "present_") for nm in names[:2 * layers]]
+        bindings, run_options = [], []
+        for src, dst in ((0, 1), (1, 0)):
+            io = sess.io_binding()
+            io.bind_ortvalue_input(DECODER_FIXED_INPUTS[0], token[src])
+            io.bind_ortvalue_input(DECODER_FIXED_INPUTS[1], position[src])
+            io.bind_ortvalue_input("codes", codes[src])
+            for name, val in fixed.items():
+                io.bind_ortvalue_input(name, val)
+            for name, val in zip(names, caches[src] + cross_vals):
+                io.bind_ortvalue_input(name, val)
+            for name, val in zip(SAMPLER_OUTPUTS, (token[dst], position[dst], codes[dst])):
+                io.bind_ortvalue_output(name, val)
+            for name, val in zip(present, caches[dst]):
+                io.bind_ortvalue_output(name, val)
+            bindings.append(io)
+            ro = ort.RunOptions()
+            ro.add_run_config_entry("gpu_graph_id", "-1" if first_graph_id is None else str(first_graph_id + src))
+            run_options.append(ro)
+        values = {**fixed, "token": token[0], "position": position[0]}
+        if device != "cpu":
+            host.clear()                  # copied to the device
+        return cls(values, cross_vals, codes, bindings, run_options, host)
+
+    def refill(self, inputs: dict[str, np.ndarray], cross: list[np.ndarray]) -> None:
+        """A new request of the same size: new contents, same addresses (what a CUDA graph replays)."""
+        for name, val in self.values.items():
+            val.update_inplace(np.ascontiguousarray(inputs[name]))
+        for val, c in zip(self.cross, cross):
+            val.update_inplace(c)
 
 
 def _bind(method: Callable[..., None], name: str, arr: np.ndarray) -> None:

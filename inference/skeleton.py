@@ -89,7 +89,7 @@ def materialize(skeleton_dir: str | Path, out_dir: str | Path, seed: int = 0) ->
                    sampling=SamplingDefaults(**template["sampling"]),
                    provenance={**template["provenance"], "materialized_from_skeleton": True},
                    license=template["license"], random_weights=True, files=list(template["files"]),
-                   description=template["description"])
+                   description=template["description"], device_sampler=template.get("device_sampler"))
     return Bundle.open(out)
 
 

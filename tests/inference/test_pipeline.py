@@ -181,3 +181,62 @@ def test_present_cache_bundle_runs_the_device_loop(tiny_parts, tokenizer_dir: Pa
     b = other.generate_codes(["a red circle", "hello world"], 2, [4, 5])
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
+
+
+def test_device_sampling_bundle_gives_the_host_samplers_codes(tiny_parts, tokenizer_dir: Path, tmp_path: Path,
+                                                              pipe: Pipeline) -> None:
+    """A decoder that samples on the device (``--cache sample``: the step's code feeds the next step
+    without a host round trip) draws exactly the codes the numpy sampler draws, for every setting;
+    the buffers kept for CUDA graphs (refilled in place per request) give the same results."""
+    from inference.export import export_bundle
+
+    export_bundle(tiny_parts, tokenizer_dir, tmp_path / "sample", name="tiny-sample", cache="sample", progress=False)
+    dev = Pipeline.load(tmp_path / "sample", threads=1)
+    assert dev._sampler and not pipe._sampler and dev.bundle.sampler_kmax == TINY.num_codes
+    prompts, counts, seeds = ["a red circle", "hello world"], [2, 3], [4, 5]
+    settings = [{}, {"top_k": 3}, {"top_k": 0, "temperature": 0.7}, {"top_p": 0.8, "top_k": 10, "condition_scale": 1.0},
+                {"condition_scale": 3.0, "top_k": 1}]
+    for kw in settings:
+        want = pipe.generate_codes(prompts, counts, seeds, **kw)
+        got = dev.generate_codes(prompts, counts, seeds, **kw)
+        for x, y in zip(want, got):
+            np.testing.assert_array_equal(x, y, err_msg=str(kw))
+    assert len({pipe.generate_codes(prompts, counts, seeds, **kw)[1].tobytes() for kw in settings}) > 3
+
+    dev.cuda_graph = True        # onnxruntime's CPU provider ignores graph ids: exercises the kept buffers
+    first = dev.generate_codes(prompts, counts, seeds)
+    other = dev.generate_codes(["a blue star", "x y z"], [3, 2], [7, 8], top_k=2)
+    again = dev.generate_codes(prompts, counts, seeds)
+    assert len(dev._graph_states) == 1
+    for x, y, z in zip(first, again, pipe.generate_codes(prompts, counts, seeds)):
+        np.testing.assert_array_equal(x, y)
+        np.testing.assert_array_equal(x, z)
+    for x, y in zip(other, pipe.generate_codes(["a blue star", "x y z"], [3, 2], [7, 8], top_k=2)):
+        np.testing.assert_array_equal(x, y)
+
+    # two generations of the same size, interleaved step by step: the second gets its own buffers
+    g1 = dev.start(prompts, counts, seeds)
+    g2 = dev.start(["a blue star", "x y z"], [3, 2], [7, 8], top_k=2)
+    for _ in zip(g1.steps, g2.steps):
+        pass
+    for x, y in zip(np.split(g1.codes, [2]), first):
+        np.testing.assert_array_equal(x, y)
+    for x, y in zip(np.split(g2.codes, [3]), other):
+        np.testing.assert_array_equal(x, y)
+    assert len(dev._graph_states) == 1 and not dev._graph_states[10].busy
+
+    dev.bundle.manifest["device_sampler"]["kmax"] = 5
+    with pytest.raises(InferenceError, match=r"top_k must be 1\.\.5 \(got 6\)"):
+        dev.generate_codes(["a red circle"], 1, [1], top_k=6)
+
+
+def test_only_the_encoder_skips_weight_prepacking(pipe: Pipeline) -> None:
+    """The encoder runs once per request, so it keeps no pre-packed copy of its weights; the decoder
+    (every step) and the VQGAN do."""
+    def prepack_disabled(part: str) -> bool:
+        try:
+            return pipe.sessions[part].get_session_options().get_session_config_entry("session.disable_prepacking") == "1"
+        except Exception:  # noqa: BLE001 - onnxruntime raises when the entry was never set
+            return False
+
+    assert [prepack_disabled(p) for p in ("encoder", "decoder", "vqgan")] == [True, False, False]

@@ -66,3 +66,28 @@ def test_uniform_streams_depend_on_seed_and_index_only() -> None:
     b = image_uniforms([1, 5], 3, 10)
     np.testing.assert_array_equal(a, b[3:])
     assert not np.array_equal(a[0], a[1])
+
+
+@pytest.mark.parametrize("settings", [
+    {"condition_scale": 10.0, "top_k": 50}, {"condition_scale": 1.0, "top_k": 1},
+    {"condition_scale": 3.0, "top_k": 64, "temperature": 0.6}, {"condition_scale": 2.0, "top_k": 20, "top_p": 0.7},
+])
+def test_device_sampler_draws_what_the_numpy_sampler_draws(settings: dict) -> None:
+    """inference.model.sampler (exported into --cache sample decoders) against guide + sample, on
+    many rows, with fewer kept candidates (kmax) than codes."""
+    import torch
+
+    from inference.model.sampler import DeviceSampler
+
+    rng = np.random.default_rng(9)
+    b, vi, codes = 300, 1030, 1024                     # logits carry extra non-code columns, as Vi > num_codes
+    logits = (rng.standard_normal((2 * b, vi)) * 3).astype(np.float32)
+    u = rng.random(b)
+    p = SamplingParams(**settings)
+    want = sample(guide(logits, codes, p.condition_scale), u, p)
+    got = DeviceSampler(codes, kmax=64)(
+        torch.from_numpy(logits), torch.from_numpy(u), torch.tensor([p.condition_scale], dtype=torch.float32),
+        torch.tensor([p.temperature], dtype=torch.float32), torch.tensor([p.top_k]),
+        torch.tensor([p.top_p], dtype=torch.float64)).numpy()
+    np.testing.assert_array_equal(got, want)
+    assert len(set(want.tolist())) > (1 if p.top_k == 1 else 20)
