@@ -171,8 +171,9 @@ class Pipeline:
         providers = _providers(provider)
         sessions = {}
         for part in GRAPHS:
-            # The encoder runs once per request: skip weight pre-packing there (saves a copy of its
-            # weights, ~700 MB for DALL·E Mini, for +30% on a step that takes ~1% of the time).
+            # The encoder runs once per request: skip weight pre-packing there (it pays back over many
+            # runs). Peak memory at batch 1 does not change with it (DALL·E Mini: 2.0 GB either way,
+            # `python -m inference.bench memory`): the decoder's working set sets the peak.
             opts = _session_options(threads, spin, prepack=part != "encoder")
             graphed = (part == "decoder" and cuda_graph and bundle.sampler_kmax is not None
                        and providers[0] == "CUDAExecutionProvider")
