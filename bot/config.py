@@ -146,6 +146,9 @@ class DiscordConfig:
     allowed_channels: tuple[str, ...] = ()
     # Role names whose members may use /dalle-mod (members with Manage Messages always may).
     moderator_roles: tuple[str, ...] = ("Moderators",)
+    # Guilds whose moderators may use /dalle-mod; empty means the guilds in guild_ids. With both
+    # empty nobody moderates from Discord (any server that adds the bot has its own admins).
+    moderator_guild_ids: tuple[str, ...] = ()
     # Most images one /dalle may ask for (1-10, Discord's attachment limit).
     max_images: int = 4
     # Seconds between edits of a request's queue-position message.
@@ -375,6 +378,7 @@ def _platform_checks(s: Settings) -> list[tuple[bool, str, str]]:
         (_url_ok(d.gateway_url, ("ws", "wss")), "discord.gateway_url", "must be a ws(s) URL or empty"),
         (not d.enabled or bool(d.token), "discord.enabled", "needs token (or DALLEBOT_DISCORD_TOKEN)"),
         (all(g.isdigit() for g in d.guild_ids), "discord.guild_ids", "must be numeric guild ids"),
+        (all(g.isdigit() for g in d.moderator_guild_ids), "discord.moderator_guild_ids", "must be numeric guild ids"),
         (all(len(e.split(":")) == 2 and all(p.isdigit() for p in e.split(":")) for e in d.allowed_channels),
          "discord.allowed_channels", 'entries must look like "guild_id:channel_id"'),
         (1 <= d.max_images <= 10, "discord.max_images", "must be between 1 and 10"),

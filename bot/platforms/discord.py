@@ -18,7 +18,8 @@ client's event loop through ``asyncio.run_coroutine_threadsafe``)
 
 ``/dalle-status``: queue length and an ETA from the measured throughput.
 ``/dalle-mod queue|approve|reject|ban``: for members with a role named in ``[discord]
-moderator_roles`` or the Manage Messages permission; actions go through :mod:`bot.moderation`.
+moderator_roles`` or the Manage Messages permission, in the guilds of ``moderator_guild_ids`` (default:
+``guild_ids``) only, since the commands act on the whole queue; actions go through :mod:`bot.moderation`.
 
 Commands are synced at start only when their definition changed: a hash of the command payload is
 kept in the ``cursors`` table per application and scope (guild or global).
@@ -311,8 +312,21 @@ class DiscordPlatform:
         except NotFound:
             self.tracked.pop(request_id, None)
             return
-        if rec.status in (Status.POSTING, Status.POSTED):
-            return  # delivery edits the message
+        if rec.status == Status.POSTING:
+            return  # delivery edits the message (or, from another process, posts in the channel)
+        if rec.status == Status.POSTED:
+            # Delivered by another process (worker machine, `worker --drain`), which could only post
+            # in the channel or DM: close this message. Delivery from this process untracked it first.
+            self.tracked.pop(request_id, None)
+            async with tracked.lock:
+                if not tracked.done:
+                    tracked.done = True
+                    try:
+                        await tracked.interaction.edit_original_response(
+                            content=texts.discord_status_line("posted", None, None), view=None)
+                    except discord.HTTPException as exc:
+                        _log.info("cannot edit the queue message of request %d: %s", request_id, exc)
+            return
         text = texts.discord_status_line(rec.status.value, position, self._eta(position, rate))
         async with tracked.lock:
             if tracked.done or text == tracked.text:
@@ -361,8 +375,8 @@ class DiscordPlatform:
             await asyncio.to_thread(self.queue.cancel, request_id, actor=f"discord:{interaction.user.id}",
                                     reason="cancelled by the requester")
         except IllegalTransition:
-            await interaction.response.send_message("Too late to cancel: the images are already done.",
-                                                    ephemeral=True)
+            now = await asyncio.to_thread(self.queue.get, request_id)
+            await interaction.response.send_message(texts.cannot_cancel(now.status.value), ephemeral=True)
             return
         tracked = self.tracked.pop(request_id, None)
         if tracked is not None:
@@ -408,8 +422,11 @@ class DiscordPlatform:
             f"Queue: {waiting} waiting, {drawing} being drawn. Throughput: {speed}. "
             f"A new request would be ready in {texts.eta_text(eta)}.", ephemeral=True)
 
+    def moderation_guilds(self) -> set[str]:
+        return set(self.cfg.moderator_guild_ids or self.cfg.guild_ids)
+
     def is_moderator(self, interaction: discord.Interaction) -> bool:
-        if interaction.guild_id is None:
+        if interaction.guild_id is None or str(interaction.guild_id) not in self.moderation_guilds():
             return False
         perms = interaction.permissions
         if perms.manage_messages or perms.administrator:
@@ -420,8 +437,13 @@ class DiscordPlatform:
     async def require_moderator(self, interaction: discord.Interaction) -> bool:
         if self.is_moderator(interaction):
             return True
-        await interaction.response.send_message(
-            texts.NOT_IN_GUILD if interaction.guild_id is None else texts.NOT_A_MODERATOR, ephemeral=True)
+        if interaction.guild_id is None:
+            text = texts.NOT_IN_GUILD
+        elif str(interaction.guild_id) not in self.moderation_guilds():
+            text = texts.NOT_A_MODERATION_GUILD
+        else:
+            text = texts.NOT_A_MODERATOR
+        await interaction.response.send_message(text, ephemeral=True)
         return False
 
     def _actor(self, interaction: discord.Interaction) -> str:
@@ -438,14 +460,20 @@ class DiscordPlatform:
 
     async def on_mod_action(self, interaction: discord.Interaction, action: str, request_id: int,
                             reason: str | None) -> None:
+        # Acknowledge first: a rejection tells the requester on their platform (REST calls, maybe a
+        # rate-limit wait), which can take longer than the 3 s an interaction may go unanswered.
+        try:
+            await interaction.response.defer(ephemeral=True, thinking=True)
+        except discord.HTTPException:
+            return
         try:
             rec = await asyncio.to_thread(moderation.act, self.queue, action, request_id,
                                           actor=self._actor(interaction), reason=reason,
                                           platforms=self.platforms or {self.name: self})
+            text = f"Request #{rec.id} is now {rec.status.value}."
         except (IllegalTransition, NotFound) as exc:
-            await interaction.response.send_message(str(exc), ephemeral=True)
-            return
-        await interaction.response.send_message(f"Request #{rec.id} is now {rec.status.value}.", ephemeral=True)
+            text = str(exc)
+        await interaction.edit_original_response(content=text)
 
     async def on_mod_ban(self, interaction: discord.Interaction, user: discord.User, reason: str | None) -> None:
         await asyncio.to_thread(moderation.ban, self.queue, f"{self.name}:{user.id}", actor=self._actor(interaction),

@@ -64,6 +64,8 @@ DAILY_LIMIT = "I've reached today's limit of replies; please try again tomorrow.
 CHANNEL_NOT_ALLOWED = "Sorry, I don't draw in this channel."
 NOT_IN_GUILD = "This command only works in a server."
 NOT_A_MODERATOR = "Only moderators can use this command."
+NOT_A_MODERATION_GUILD = ("This server does not moderate this bot. Its operator lists the servers that do "
+                          "in [discord] moderator_guild_ids.")
 GENERIC_REFUSAL = "Sorry, I can't draw that."
 
 
@@ -117,6 +119,19 @@ def discord_status_line(status: str, position: int | None, eta: float | None) ->
         "rejected": "This request was not accepted.",
         "posted": "Done.",
     }.get(status, f"Status: {status}.")
+
+
+def cannot_cancel(status: str) -> str:
+    """Why a Cancel click did nothing, from the request's status at that moment."""
+    return {
+        "generated": "Too late to cancel: the images are already done.",
+        "posting": "Too late to cancel: the images are already done.",
+        "posted": "Too late to cancel: the images are already done.",
+        "cancelled": "This request is already cancelled.",
+        "rejected": "This request was not accepted, so there is nothing to cancel.",
+        "failed": "This request already ended without images.",
+        "dead": "This request already ended without images.",
+    }.get(status, f"This request cannot be cancelled now (it is {status.replace('_', ' ')}).")
 
 
 def discord_result(prompt: str, seed: int | None, mention: str | None = None) -> str:

@@ -47,9 +47,9 @@ async def fake() -> AsyncIterator[FakeDiscord]:
 
 
 def settings(fake: FakeDiscord, **overrides: Any) -> DiscordConfig:
-    return DiscordConfig(enabled=True, token=fake.token, api_base_url=fake.api_base, gateway_url=fake.gateway_url,
-                         guild_ids=(fake.guild.id,), moderator_roles=("Image Mods",),
-                         position_update_seconds=3600.0, **overrides)
+    return DiscordConfig(**{"enabled": True, "token": fake.token, "api_base_url": fake.api_base,
+                            "gateway_url": fake.gateway_url, "guild_ids": (fake.guild.id,),
+                            "moderator_roles": ("Image Mods",), "position_update_seconds": 3600.0, **overrides})
 
 
 async def start(fake: FakeDiscord, queue: Queue, **overrides: Any) -> DiscordPlatform:
@@ -214,11 +214,14 @@ async def test_cancel_button_is_for_the_requester_only(fake: FakeDiscord, adapte
     assert click.original.ephemeral and click.original.content.startswith("Only the person who asked")
     assert stored(queue, inter).status == Status.QUEUED
 
-    click = await fake.send_component(inter.original, cancel, user=mason)
-    await fake.wait_for(lambda f: click.callbacks, TIMEOUT)
-    assert click.callbacks[0]["type"] == 7  # the queued message itself is updated
+    # a double click: both clicks arrive while the button is still there; one cancels, the other is told why not
+    clicks = [await fake.send_component(inter.original, cancel, user=mason) for _ in range(2)]
+    await fake.wait_for(lambda f: all(c.callbacks for c in clicks), TIMEOUT)
+    assert sorted(c.callbacks[0]["type"] for c in clicks) == [4, 7]  # 7: the queued message itself is updated
     assert inter.original.content == "Cancelled." and inter.original.custom_ids == []
     assert stored(queue, inter).status == Status.CANCELLED
+    [told] = [c for c in clicks if c.callbacks[0]["type"] == 4]
+    assert (await answered(fake, told)).content == "This request is already cancelled."
 
 
 async def test_reroll_is_a_new_request_with_a_new_seed(fake: FakeDiscord, adapter: DiscordPlatform,
@@ -250,14 +253,16 @@ async def test_status_shows_queue_length_and_eta(fake: FakeDiscord, adapter: Dis
 
 
 async def _mod(fake: FakeDiscord, user: DiscordUser, sub: str, options: list[dict[str, Any]] | None = None,
-               resolved: dict[str, Any] | None = None) -> RecordedMessage:
+               resolved: dict[str, Any] | None = None, *, guild: Any = None, channel: Any = None) -> RecordedMessage:
     """Run ``/dalle-mod <sub>`` (the fake's helper does not nest subcommand options)."""
-    command = next(c for c in fake.guild_commands[fake.guild.id] if c["name"] == "dalle-mod")
-    data: dict[str, Any] = {"id": command["id"], "name": "dalle-mod", "type": 1, "guild_id": fake.guild.id,
+    guild, channel = guild or fake.guild, channel or fake.channel
+    command = fake._find_command("dalle-mod", guild)
+    assert command is not None
+    data: dict[str, Any] = {"id": command["id"], "name": "dalle-mod", "type": 1, "guild_id": guild.id,
                             "options": [{"type": 1, "name": sub, "options": options or []}]}
     if resolved:
         data["resolved"] = resolved
-    inter = await fake._send_interaction(2, data, user=user, guild=fake.guild, channel=fake.channel)
+    inter = await fake._send_interaction(2, data, user=user, guild=guild, channel=channel)
     return await answered(fake, inter)
 
 
@@ -298,6 +303,50 @@ async def test_moderator_commands_refuse_members_without_the_role(fake: FakeDisc
     assert [(a.action, a.actor) for a in audit] == [("rejected", f"discord-moderator:{by_permission.id}"),
                                                     ("refusal_posted", f"discord-moderator:{by_permission.id}"),
                                                     ("banned", f"discord-moderator:{by_role.id}")]
+
+
+async def test_moderation_is_only_for_the_operators_guilds(fake: FakeDiscord, queue: Queue,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """/dalle-mod acts on the whole queue, so a server that merely added the bot (global commands)
+    cannot moderate, even its owner with every permission; the listed moderator guild can."""
+    monkeypatch.setattr(discord.http.Route, "BASE", fake.api_base)
+    monkeypatch.setattr(DiscordWebSocket, "DEFAULT_GATEWAY", yarl.URL(fake.gateway_url))
+    stranger = fake.add_user("stranger")
+    theirs = fake.add_guild("Stranger's Server", owner=stranger)
+    lobby = fake.add_channel(theirs, "lobby")
+    victim = fake.add_user("victim")
+    adapter = await start(fake, queue, guild_ids=(), moderator_guild_ids=(fake.guild.id,))
+    try:
+        inter = await dalle(fake, victim, prompt="a private thing", private=True)
+        rec = stored(queue, inter)
+        for sub, options in (("queue", []), ("reject", [{"type": 4, "name": "request_id", "value": rec.id}])):
+            refused = await _mod(fake, stranger, sub, options, guild=theirs, channel=lobby)
+            assert refused.ephemeral and refused.content == texts.NOT_A_MODERATION_GUILD
+        assert stored(queue, inter).status == Status.QUEUED
+        listing = await _mod(fake, fake.add_user("mod", roles=[fake.moderator_role]), "queue")
+        assert f"#{rec.id} queued discord:{victim.id}" in listing.content
+    finally:
+        await adapter.stop()
+    nobody = await start(fake, queue, guild_ids=())          # no moderator guilds at all: nobody
+    try:
+        refused = await _mod(fake, fake.owner, "queue")
+        assert refused.content == texts.NOT_A_MODERATION_GUILD
+    finally:
+        await nobody.stop()
+
+
+async def test_a_slow_rejection_still_answers_the_moderator_in_time(fake: FakeDiscord, adapter: DiscordPlatform,
+                                                                   queue: Queue) -> None:
+    """Rejecting tells the requester first (Discord REST, here held up by a 3.5 s rate limit): the
+    moderator's command is acknowledged before that, inside Discord's 3 seconds."""
+    inter = await dalle(fake, fake.add_user("spammer"), prompt="something to reject")
+    rec = stored(queue, inter)
+    fake.inject_rate_limit(EDIT_ORIGINAL, retry_after=3.5)
+    done = await _mod(fake, fake.add_user("mod", roles=[fake.moderator_role]), "reject",
+                      [{"type": 4, "name": "request_id", "value": rec.id}])
+    assert done.content == f"Request #{rec.id} is now rejected."
+    assert stored(queue, inter).status == Status.REJECTED
+    assert inter.original.content.startswith("Sorry, a moderator") and inter.original.custom_ids == []  # told
 
 
 async def test_allowed_channels_per_guild(fake: FakeDiscord, queue: Queue, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -420,7 +469,13 @@ async def test_drain_worker_without_a_running_client_posts_in_the_channel(
         await asyncio.to_thread(drain_only.close)
     [posted] = [m for m in fake.channel_messages(fake.channel) if m.kind == "channel"]
     assert posted.content.startswith(f"<@{mason.id}> `a drained cat`") and len(posted.attachments) == 4
-    assert stored(queue, inter).status == Status.POSTED
+    rec = stored(queue, inter)
+    assert rec.status == Status.POSTED
+    # the intake process's "Queued" message is closed at its next update (no stale Cancel button)
+    assert rec.id in adapter.tracked and inter.original.content.startswith("Queued")
+    await adapter.update_positions()
+    assert inter.original.content == "Done." and inter.original.custom_ids == []
+    assert rec.id not in adapter.tracked
 
 
 HISTORY = "GET /channels/{channel_id}/messages"
