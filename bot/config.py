@@ -222,7 +222,9 @@ class Settings:
     # ---- derived paths -------------------------------------------------------------------
     @property
     def data_dir(self) -> Path:
-        return Path(self.data.dir).expanduser()
+        # absolute, so the image paths stored in requests mean the same in every reader (worker,
+        # delivery, dashboard, prune), whatever folder each was started from
+        return Path(self.data.dir).expanduser().resolve()
 
     @property
     def database_url(self) -> str:

@@ -98,7 +98,7 @@ class Worker:
         self.queue = queue
         self.generator = generator
         self.platforms = dict(platforms)
-        self.images_dir = Path(images_dir)
+        self.images_dir = Path(images_dir).resolve()   # stored paths are absolute: any reader finds them
         self.owner = owner or default_owner()
         self.batch_size = batch_size
         self.rng = rng or random.Random()
@@ -110,7 +110,6 @@ class Worker:
         self.metrics = metrics or Metrics()
         self.delivery_retry_seconds = delivery_retry_seconds
         self.db_outage_seconds = db_outage_seconds
-        self._delivery_claim: Claim | None = None
         self._stranded: list[tuple[str, Claim]] = []  # claims in flight when the database went away
         self.stats = DrainStats()
 
@@ -207,7 +206,6 @@ class Worker:
 
     def deliver_batch(self) -> int:
         claim = self.queue.claim_deliveries(self.owner, self.batch_size, platforms=list(self.platforms))
-        self._delivery_claim = claim
         try:
             for r in claim.requests:
                 with log_context(request_id=r.id):
@@ -228,9 +226,13 @@ class Worker:
                 _log.warning("handed %d request(s) back to the queue after a database outage", n)
                 self._stranded.pop(0)
                 continue
+            # Renew first: the outage may have outlasted the lease, and a request another worker
+            # has re-claimed meanwhile (as recovering) must not be posted from here too.
+            owned = self.queue.renew(claim)
             again = dataclasses.replace(claim, recovering=frozenset(claim.ids))
-            self._delivery_claim = again
             for r in claim.requests:
+                if r.id not in owned:
+                    continue
                 cur = self.queue.get(r.id)
                 if cur.status == Status.POSTING and cur.lease_token == claim.token:
                     with log_context(request_id=r.id):
@@ -242,8 +244,15 @@ class Worker:
         platform = self.platforms[r.platform]
         try:
             with self.metrics.post_seconds.labels(platform=r.platform).time():
-                found = platform.find_delivery(r) if r.id in claim.recovering else None
-                delivery = found or self._post(platform, r)
+                try:
+                    found = platform.find_delivery(r) if r.id in claim.recovering else None
+                    delivery = found or self._post(claim, platform, r)
+                except (DeliveryError, LeaseLost, DatabaseUnavailable):
+                    raise
+                except Exception as exc:  # a bug or a local fault (missing image file, full disk)
+                    # fails this request (retried with backoff, then dead), not the whole batch
+                    _log.exception("posting raised an unexpected error", extra={"request_id": r.id})
+                    raise DeliveryError(f"unexpected error while posting: {exc!r}"[:500]) from exc
             posted = self.queue.mark_posted(claim, r.id, delivery.reply_id, delivery.reply_url)
             self.stats.posted += 1
             self.metrics.posted.labels(platform=r.platform).inc()
@@ -264,7 +273,7 @@ class Worker:
         except LeaseLost:
             self.stats.lost += 1
 
-    def _post(self, platform: Platform, r: RequestRecord) -> Delivery:
+    def _post(self, claim: Claim, platform: Platform, r: RequestRecord) -> Delivery:
         """``platform.deliver`` with in-attempt retries (tenacity) for transient errors: exponential
         backoff with jitter, never shorter than the platform's Retry-After / rate-limit reset, for at
         most ``delivery_retry_seconds``. A permanent error, or a wait longer than what is left of
@@ -288,7 +297,7 @@ class Worker:
             _log.warning("delivery failed (%s); retrying in %.1fs", exc, state.upcoming_sleep)
 
         paths = [Path(p) for p in r.image_paths]
-        with LeaseKeeper(self.queue, self._delivery_claim, max(1.0, self.queue.policy.lease_seconds / 3)):
+        with LeaseKeeper(self.queue, claim, max(1.0, self.queue.policy.lease_seconds / 3)):
             for attempt in tenacity.Retrying(retry=tenacity.retry_if_exception(transient), wait=wait, stop=stop,
                                              sleep=self.sleep, before_sleep=log_retry, reraise=True):
                 with attempt:
@@ -307,7 +316,7 @@ class Worker:
                 self.queue.reclaim_expired()
                 n = self.generate_batch()
                 m = self.deliver_batch()
-                pending = None if (n or m) else self.queue.pending_work()
+                pending = None if (n or m) else self.queue.pending_work(platforms=list(self.platforms))
             except DatabaseUnavailable as exc:
                 # Ride out a database restart: back off and try again, up to db_outage_seconds.
                 now = time.monotonic()

@@ -475,11 +475,25 @@ class Queue:
         )
         if platforms is not None:
             cond = sa.and_(cond, R.c.platform.in_(list(platforms)))
-        pick = select(R.c.id, R.c.status).where(cond).order_by(R.c.priority, R.c.id).limit(limit)
+        pick = (select(R.c.id, R.c.status, R.c.attempts, R.c.max_attempts).where(cond)
+                .order_by(R.c.priority, R.c.id).limit(limit))
         if not self.db.is_sqlite:
             pick = pick.with_for_update(skip_locked=True)
         with self._write() as conn:
             picked = conn.execute(pick).all()
+            # A delivery whose lease keeps expiring (the process posting it crashes or hangs every
+            # time) ends as dead once out of attempts, instead of being re-claimed for ever.
+            spent = [p.id for p in picked if p.status == S.POSTING.value and p.attempts >= p.max_attempts]
+            if spent:
+                conn.execute(update(R).where(R.c.id.in_(spent)).values(
+                    status=S.DEAD.value, lease_owner=None, lease_token=None, lease_expires_at=None,
+                    error="out of attempts: the delivery lease expired again", finished_at=now, updated_at=now))
+                self._audit(conn, [{"request_id": rid, "actor": f"worker:{owner}", "action": "dead",
+                                    "from_status": S.POSTING.value, "to_status": S.DEAD.value,
+                                    "reason": "out of attempts: the delivery lease expired again "
+                                              "(the process posting it crashed or hung each time)"}
+                                   for rid in spent])
+                picked = [p for p in picked if p.id not in spent]
             recovering = frozenset(p.id for p in picked if p.status == S.POSTING.value)
             if not picked:
                 return Claim(owner, token, expires, ())
@@ -521,12 +535,17 @@ class Queue:
     # ---- moderation -----------------------------------------------------------------------
 
     def _moderate(self, request_id: int, target: Status, actor: str, action: str, reason: str | None,
-                  extra: Callable[[RequestRecord], dict[str, Any]] | None = None) -> RequestRecord:
+                  extra: Callable[[RequestRecord], dict[str, Any]] | None = None,
+                  only_from: Status | None = None) -> RequestRecord:
         now = self.clock()
         with self._write() as conn:
             cur = self._one(conn, request_id, lock=not self.db.is_sqlite)
+            verb = _MODERATION_VERBS.get(action, action)
+            if only_from is not None and cur.status != only_from:   # checked again under the lock
+                raise IllegalTransition(request_id, cur.status.value, target.value, verb,
+                                        detail=f"and only requests {only_from.value.replace('_', ' ')} can be {action}")
             if not states.allowed(cur.status, target):
-                raise IllegalTransition(request_id, cur.status.value, target.value, action)
+                raise IllegalTransition(request_id, cur.status.value, target.value, verb)
             values: dict[str, Any] = dict(status=target.value, updated_at=now)
             if target in states.TERMINAL:
                 values["finished_at"] = now
@@ -551,7 +570,7 @@ class Queue:
             raise IllegalTransition(request_id, rec.status.value, target.value, "approve",
                                     detail="and only requests held for review can be approved")
         return self._moderate(request_id, target, actor, "approved", reason,
-                              lambda cur: {"run_at": self.clock()})
+                              lambda cur: {"run_at": self.clock()}, only_from=S.HELD)
 
     def reject(self, request_id: int, *, actor: str, reason: str | None = None) -> RequestRecord:
         return self._moderate(request_id, S.REJECTED, actor, "rejected", reason,
@@ -685,15 +704,18 @@ class Queue:
                 )
             ).scalar_one()
 
-    def pending_work(self) -> dict[str, Any]:
-        """What a draining worker still has to wait for: counts and the earliest retry time."""
+    def pending_work(self, platforms: Sequence[str] | None = None) -> dict[str, Any]:
+        """What a draining worker still has to wait for: counts and the earliest retry time.
+        ``platforms``: the ones the worker can deliver to (None: all); results for other platforms
+        are left to the workers that have them."""
         now = self.clock()
+        ours = R.c.platform.in_(list(platforms)) if platforms is not None else sa.true()
         with self._read() as conn:
             queued_now = conn.execute(select(func.count()).select_from(R).where(
                 R.c.status == S.QUEUED.value, R.c.run_at <= now)).scalar_one()
             next_run = conn.execute(select(func.min(R.c.run_at)).where(
-                R.c.status.in_([S.QUEUED.value, S.GENERATED.value]))).scalar_one()
-            deliverable = conn.execute(select(func.count()).select_from(R).where(
+                sa.or_(R.c.status == S.QUEUED.value, sa.and_(R.c.status == S.GENERATED.value, ours)))).scalar_one()
+            deliverable = conn.execute(select(func.count()).select_from(R).where(ours,
                 sa.or_(sa.and_(R.c.status == S.GENERATED.value, R.c.run_at <= now),
                        sa.and_(R.c.status == S.POSTING.value, R.c.lease_expires_at < now)))).scalar_one()
             expired = conn.execute(select(func.count()).select_from(R).where(
@@ -713,6 +735,11 @@ class Queue:
             ins = _upsert(self.db.dialect)(C).values(name=name, value=value, updated_at=now)
             conn.execute(ins.on_conflict_do_update(index_elements=[C.c.name],
                                                    set_={"value": value, "updated_at": now}))
+
+
+# A moderation's queue-log action -> the verb of its error message ("cannot reject request 5: ...").
+_MODERATION_VERBS = {"approved": "approve", "rejected": "reject", "held": "hold", "cancelled": "cancel",
+                     "requeued": "requeue"}
 
 
 def _as_sql(value: Any) -> Any:

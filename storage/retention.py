@@ -83,14 +83,16 @@ def prune(db: Database, images_dir: Path, *, image_retention_days: float, batch:
             ).all()
         for row in rows:
             for p in row.image_paths or []:
-                size = _remove(Path(p) if Path(p).is_absolute() else images_dir / p, images_dir)
+                size = _remove(Path(p), images_dir)   # relative (older versions): from the working folder
                 n_files += size > 0
                 n_bytes += size
         if rows:
             ids = [row.id for row in rows]
             with db.write.begin() as conn:  # another worker's prune may have done some: log only ours
                 mine = set(conn.execute(
-                    update(R).where(R.c.id.in_(ids), sa.cast(R.c.image_paths, sa.Text) != "[]")
+                    # still finished: a request requeued meanwhile has new images, which it needs
+                    update(R).where(R.c.id.in_(ids), sa.cast(R.c.image_paths, sa.Text) != "[]",
+                                    R.c.status.in_([s.value for s in PRUNABLE]))
                     .values(image_paths=[], updated_at=now).returning(R.c.id)).scalars())
                 if mine:
                     conn.execute(insert(A), [

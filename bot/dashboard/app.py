@@ -332,10 +332,7 @@ class Dashboard:
             return PlainTextResponse("Not Found", status_code=404)
         if n >= len(rec.image_paths):
             return PlainTextResponse("Not Found", status_code=404)
-        path = Path(rec.image_paths[n])
-        if not path.is_absolute():
-            path = Path(self.app.settings.images_dir) / path
-        path = path.resolve()
+        path = Path(rec.image_paths[n]).resolve()   # a relative path (older versions) is from the working folder
         kind = IMAGE_TYPES.get(path.suffix.lower())
         inside = any(path.is_relative_to(root) for root in self.image_roots)
         if kind is None or not inside or not path.is_file():

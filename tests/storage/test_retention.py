@@ -110,3 +110,32 @@ def test_the_service_prune_job_uses_the_configured_retention(tmp_path: Path) -> 
         clock.advance(3 * 86400)
         service.prune_once()
         assert app.queue.get(rid).image_paths == [] and not (Path(settings.images_dir) / str(rid)).exists()
+
+
+def test_a_relative_data_folder_is_pruned_too(tmp_path: Path, monkeypatch) -> None:
+    """With a relative [data] dir (the default is ./dallebot-data) the worker's stored image paths and
+    the prune job (and the dashboard) agree on where the files are, whatever folder each started in."""
+    import dataclasses
+
+    from bot.app import open_app
+    from bot.config import load_settings
+    from bot.service import Service
+    from bot.worker import Worker
+    from tests.conftest import FakeClock
+    from tests.e2e.adapter_support import LetterGenerator
+
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings(env={"DALLEBOT_DATA_DIR": "rel-data"})
+    settings = dataclasses.replace(settings, data=dataclasses.replace(settings.data, image_retention_days=1))
+    with open_app(settings) as app:
+        clock = FakeClock()
+        app.queue.clock = clock
+        rid = app.queue.enqueue(NewRequest("local", "m1", "alice", "a red circle", "a red circle")).request.id
+        worker = Worker(app.queue, LetterGenerator(), {}, settings.images_dir, owner="w")
+        assert worker.generate_batch() == 1
+        paths = [Path(p) for p in app.queue.get(rid).image_paths]
+        assert paths and all(p.is_absolute() and p.is_file() for p in paths)
+        app.queue.reject(rid, actor="moderator:test", reason="not this one")
+        clock.advance(2 * 86400)
+        Service(app, roles=("web",)).prune_once()
+        assert app.queue.get(rid).image_paths == [] and not any(p.exists() for p in paths)
