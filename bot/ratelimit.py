@@ -69,7 +69,8 @@ class RateLimiter:
         return [w for w in out if w[3] > 0]
 
     def limited_many(self, events: Sequence[Any]) -> list[Limited | None]:
-        """The first limit each event runs into (or None), deciding ``events`` in order."""
+        """The limit each event runs into (or None), deciding ``events`` in order; when several
+        windows are full, the one with the longest wait (so "try again in ..." is true)."""
         cfg, now = self.cfg, self.clock()
         wanted: dict[tuple[str, str], tuple[set[str], dict[str, dt.datetime]]] = {}
         for event in events:
@@ -88,9 +89,10 @@ class RateLimiter:
             for name, by, key, limit, seconds in windows:
                 stored = counts[(by, event.platform)].get(key, {}).get(name, 0)
                 mine = added[(name, event.platform, key)]
-                if stored + mine >= limit:
-                    hit = Limited(name, self._wait(by, event.platform, key, limit - mine, seconds, now))
-                    break
+                if stored + mine >= limit:  # full: of all the full windows, the one freed last says when
+                    full = Limited(name, self._wait(by, event.platform, key, limit - mine, seconds, now))
+                    if hit is None or (full.retry_after or 0.0) > (hit.retry_after or 0.0):
+                        hit = full
             if hit is None and cfg.queue_cap > 0 and queued >= cfg.queue_cap:
                 hit = Limited("queue_cap", None)
             if hit is None:
@@ -109,7 +111,7 @@ class RateLimiter:
         return retry_after(count, room, oldest, seconds, now) or 1.0
 
     def limited(self, event: Any) -> Limited | None:
-        """The first limit ``event`` (an IntakeEvent) runs into, or None."""
+        """The limit ``event`` (an IntakeEvent) runs into (the longest wait), or None."""
         return self.limited_many([event])[0]
 
     def _refusal(self, hit: Limited | None) -> str | None:

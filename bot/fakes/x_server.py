@@ -51,12 +51,14 @@ transport adapter supplied it, else over the URL the request arrived at).
 Every response carries ``x-rate-limit-limit/-remaining/-reset`` from per-route,
 per-identity 15-minute windows (limits from X's 2026 rate-limit table);
 exhausting a window gives a real 429.  Faults can be injected on top: see
-:meth:`FakeX.inject_rate_limit` and :meth:`FakeX.inject_server_error`.
+:meth:`FakeX.inject_rate_limit` (also without rate-limit headers),
+:meth:`FakeX.inject_server_error` and :meth:`FakeX.inject_hang` (a server that does not answer).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import binascii
 import dataclasses
@@ -84,7 +86,7 @@ from starlette.routing import Route
 
 from bot.fakes.x_transport import ORIGINAL_URL_HEADER
 
-__all__ = ["FakeX", "XUser", "XTweet", "XMedia", "RecordedXRequest", "XFault", "snowflake"]
+__all__ = ["FakeX", "XUser", "XTweet", "XMedia", "RecordedXRequest", "XFault", "XHang", "snowflake"]
 
 _log = logging.getLogger(__name__)
 
@@ -267,6 +269,7 @@ class RecordedXRequest:
     auth: str  # "user:<id>", "app", "none" or "invalid"
     status: int = 0
     response: Any = None
+    response_headers: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -282,6 +285,8 @@ class XFault:
     until: float | None
     reset_at: float | None = None
     hits: int = 0
+    #: A 429 with ``x-rate-limit-*`` headers (False: none, as X sometimes answers).
+    rate_headers: bool = True
 
     def matches(self, route: str, now: float) -> bool:
         if self.route not in ("*", route):
@@ -289,6 +294,25 @@ class XFault:
         if self.count is not None:
             return self.hits < self.count
         return self.until is None or now < self.until
+
+
+@dataclasses.dataclass
+class XHang:
+    """An injected stall: the next ``count`` requests to ``route`` get no answer until
+    :meth:`release` (or the server stops, or ``seconds`` of real time pass); then they are
+    handled as usual, as a slow X may still act on a request its client gave up on."""
+
+    route: str  # a RATE_LIMITS key, or "*"
+    count: int
+    seconds: float
+    held: int = 0  # requests held so far
+    released: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    def matches(self, route: str) -> bool:
+        return self.route in ("*", route) and self.held < self.count
+
+    def release(self) -> None:
+        self.released.set()
 
 
 class _ApiError(Exception):
@@ -376,6 +400,7 @@ class FakeX:
         self.media: dict[str, XMedia] = {}
         self.requests: list[RecordedXRequest] = []
         self.faults: list[XFault] = []
+        self.hangs: list[XHang] = []
         self._windows: dict[tuple[str, str], tuple[float, int]] = {}
         self._redeliver: dict[str, int] = {}
         self._nonces: set[tuple[str, str]] = set()
@@ -424,6 +449,8 @@ class FakeX:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
+        for hang in list(self.hangs):
+            hang.release()  # held requests finish, so the server can shut down
         if self._server is not None and self._thread is not None:
             self._server.should_exit = True
             self._thread.join(timeout)
@@ -531,16 +558,28 @@ class FakeX:
         with self._lock:
             self._redeliver[tweet.id] = self._redeliver.get(tweet.id, 0) + times
 
-    def inject_rate_limit(self, route: str = "*", *, count: int | None = 1, reset_after: float = 1.0) -> XFault:
+    def inject_rate_limit(self, route: str = "*", *, count: int | None = 1, reset_after: float = 1.0,
+                          rate_headers: bool = True) -> XFault:
         """Answer 429 on ``route`` (a ``RATE_LIMITS`` key like
         ``"GET /2/users/:id/mentions"``, or ``"*"``) for the next ``count``
         requests, or for every request until the reset when ``count`` is None.
-        ``x-rate-limit-reset`` is ``now + reset_after`` in epoch seconds."""
+        ``x-rate-limit-reset`` is ``now + reset_after`` in epoch seconds;
+        ``rate_headers=False`` sends the 429 with no ``x-rate-limit-*`` headers."""
         with self._lock:
             reset_at = self.clock() + reset_after
-            fault = XFault(route, 429, count, reset_at if count is None else None, reset_at)
+            fault = XFault(route, 429, count, reset_at if count is None else None, reset_at,
+                           rate_headers=rate_headers)
             self.faults.append(fault)
             return fault
+
+    def inject_hang(self, route: str = "*", *, count: int = 1, seconds: float = 30.0) -> XHang:
+        """Hold the next ``count`` requests to ``route`` unanswered until the returned
+        :class:`XHang` is released (or ``seconds`` pass, or the server stops): a hung X.
+        :meth:`wait_for` sees each request as it is held (``hang.held``)."""
+        with self._lock:
+            hang = XHang(route, count, seconds)
+            self.hangs.append(hang)
+            return hang
 
     def inject_server_error(self, route: str = "*", *, status: int = 503, count: int | None = 1,
                             duration: float | None = None) -> XFault:
@@ -555,6 +594,9 @@ class FakeX:
     def clear_faults(self) -> None:
         with self._lock:
             self.faults.clear()
+            for hang in self.hangs:
+                hang.release()
+            self.hangs.clear()
 
     def replies_to(self, tweet: XTweet | str) -> list[XTweet]:
         tid = tweet if isinstance(tweet, str) else tweet.id
@@ -620,6 +662,13 @@ class FakeX:
     def _route(self, key: str, handler: Callable[..., Any], *, user_only: bool = False) -> Callable[..., Any]:
         async def endpoint(request: Request) -> Response:
             body = await request.body()
+            with self._lock:
+                hang = next((h for h in self.hangs if h.matches(key)), None)
+                if hang is not None:
+                    hang.held += 1
+                    self._changed.notify_all()
+            if hang is not None:  # a hung server: no answer until released (the loop serves others)
+                await asyncio.to_thread(hang.released.wait, hang.seconds)
             form = None
             ctype = request.headers.get("content-type", "")
             if ctype.startswith("multipart/form-data") or ctype.startswith("application/x-www-form-urlencoded"):
@@ -640,7 +689,7 @@ class FakeX:
                 except _ApiError as e:
                     status, payload = e.status, e.body
                     headers.update(e.headers)
-                rec.status, rec.response = status, payload
+                rec.status, rec.response, rec.response_headers = status, payload, dict(headers)
                 self.requests.append(rec)
                 self._changed.notify_all()
             if form is not None:
@@ -734,6 +783,9 @@ class FakeX:
             if fault.status == 429:
                 headers["x-rate-limit-remaining"] = "0"
                 headers["x-rate-limit-reset"] = str(int(fault.reset_at or now))
+                if not fault.rate_headers:
+                    for name in ("x-rate-limit-limit", "x-rate-limit-remaining", "x-rate-limit-reset"):
+                        headers.pop(name, None)
                 raise _ApiError(429, {"title": "Too Many Requests", "detail": "Too Many Requests",
                                       "type": "about:blank", "status": 429}, headers)
             raise _ApiError(fault.status, {"title": "Service Unavailable", "detail": "Service Unavailable",

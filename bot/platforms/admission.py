@@ -24,8 +24,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from sqlalchemy import select
+
 from bot.intake import PromptRejected, normalize_prompt, validate_prompt
 from bot.platforms import text as texts
+from storage.models import Request
 from storage.moderators import intake_paused
 from storage.queue import Queue
 from storage.records import NewRequest, RequestRecord
@@ -101,22 +104,35 @@ def admit_many(queue: Queue, events: Sequence[IntakeEvent], *, max_chars: int,
                store_refusals: bool = True) -> list[Admission]:
     """:func:`admit` for a batch (a page of mentions), in order: one pause lookup, each batch
     check once over the events still accepted, and one transaction to store them all. The
-    decisions are those of admitting the events one after another."""
+    decisions are those of admitting the events one after another.
+
+    Events stored before (a redelivery, an edited mention with the same root, mentions re-read after
+    a rate limit or a crash) and repeats within the batch are found first and left out of the
+    checks: they get the stored request back, so they count against no limit a second time."""
     if not events:
         return []
+    stored = _stored_keys(queue, events)
+    seen: set[tuple[str, str]] = set()
+    repeat = [False] * len(events)
+    for i, event in enumerate(events):
+        key = (event.platform, event.external_id)
+        repeat[i] = key in stored or key in seen
+        seen.add(key)
     raws = [storable(event.prompt_raw) for event in events]
     refusals: list[str | None] = [None] * len(events)
     prompts = [""] * len(events)
     if intake_paused(queue):
-        refusals = [texts.PAUSED] * len(events)
+        refusals = [None if again else texts.PAUSED for again in repeat]
     else:
         for i, raw in enumerate(raws):
+            if repeat[i]:
+                continue
             try:
                 prompts[i] = validate_prompt(raw, max_chars=max_chars)
             except PromptRejected as exc:
                 refusals[i] = str(exc)
     for check in checks:
-        open_ = [i for i, refusal in enumerate(refusals) if refusal is None]
+        open_ = [i for i, refusal in enumerate(refusals) if refusal is None and not repeat[i]]
         if not open_:
             break
         if isinstance(check, BatchCheck):
@@ -147,6 +163,21 @@ def admit_many(queue: Queue, events: Sequence[IntakeEvent], *, max_chars: int,
             refusal = None
         out.append(Admission(rec, result.created, refusal))
     return out
+
+
+def _stored_keys(queue: Queue, events: Sequence[IntakeEvent]) -> set[tuple[str, str]]:
+    """The ``(platform, external_id)`` pairs of ``events`` already stored (one query per platform)."""
+    wanted: dict[str, set[str]] = {}
+    for event in events:
+        wanted.setdefault(event.platform, set()).add(event.external_id)
+    R = Request.__table__
+    found: set[tuple[str, str]] = set()
+    with queue.db.read.connect() as conn:
+        for platform, ids in wanted.items():
+            rows = conn.execute(select(R.c.external_id).where(R.c.platform == platform,
+                                                                R.c.external_id.in_(sorted(ids))))
+            found.update((platform, row.external_id) for row in rows)
+    return found
 
 
 @runtime_checkable

@@ -15,8 +15,9 @@ Intake (``poll``; ``dallebot serve`` runs it every ``[x] poll_interval`` seconds
       (:func:`bot.platforms.text.extract_x_prompt`). Refused mentions (empty, too long, no words,
       paused, banned, daily budget spent) are stored as ``rejected`` and get one friendly reply,
       within ``[x] daily_refusal_budget`` and only when this poll stored them. A refusal whose
-      outcome never reached the queue log (the poller died in between, or posting was rate-limited)
-      stays owed: the poller sends it at a later round, once (:func:`storage.platform_state.owed_refusals`).
+      outcome never reached the queue log (the poller died in between, posting was rate-limited,
+      or X failed for a while: 5xx, no connection) stays owed, its budget slot given back: the poller
+      sends it at a later round, once (:func:`storage.platform_state.owed_refusals`).
     * A page of mentions is admitted at once (:func:`bot.platforms.admission.admit_many`): one
       enqueue statement on PostgreSQL, rate limits decided from one query per kind of limit.
 
@@ -31,7 +32,8 @@ Rate limits
     ``x-user-limit-24hour-*`` of ``POST /2/tweets``) of every response; a route with nothing left,
     or a 429, is not called again before its reset. The poller skips rounds until then; a delivery
     waits up to ``[x] max_rate_limit_wait`` seconds, or hands the request back with ``retry_after``.
-    Deleted or protected tweets (403/404 on the reply) fail without retry.
+    Deleted or protected tweets (403/404 on the reply) fail without retry. Every call has a timeout
+    (:data:`HTTP_TIMEOUT`; tweepy sets none), so a hung X fails the try instead of blocking it.
 """
 
 from __future__ import annotations
@@ -73,6 +75,9 @@ REFUSAL_RECOVERY_WINDOW = 3600
 REFUSAL_SWEEP_INTERVAL = 60.0
 #: Mentions stored per transaction (one statement on PostgreSQL): a page of the mentions timeline.
 ADMIT_BATCH = 100
+#: (connect, read) timeout in seconds of every call to X that does not set its own: tweepy sets none,
+#: and a call that never returns would hold the poller or a delivery (whose lease is kept renewed) forever.
+HTTP_TIMEOUT = (5.0, 30.0)
 
 MENTION_PARAMS: dict[str, Any] = dict(
     tweet_fields=["author_id", "conversation_id", "created_at", "in_reply_to_user_id", "referenced_tweets",
@@ -111,6 +116,7 @@ class XPlatform:
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
         lease_seconds: float | None = None,
+        http_timeout: tuple[float, float] = HTTP_TIMEOUT,
     ) -> None:
         self.cfg = cfg
         self.queue = queue
@@ -126,6 +132,8 @@ class XPlatform:
             consumer_secret=cfg.consumer_secret or None, access_token=cfg.access_token or None,
             access_token_secret=cfg.access_token_secret or None, wait_on_rate_limit=False,
         )
+        self.client.session.close()
+        self.client.session = _TimeoutSession(http_timeout)
         if cfg.api_base_url:
             from bot.fakes.x_transport import mount_fake_x  # loopback only: it refuses anything else
 
@@ -156,15 +164,17 @@ class XPlatform:
                 self._blocked[route] = float(until) + 1.0  # reset is in whole seconds: keep a margin
             elif response.status_code != 429:
                 self._blocked.pop(route, None)
-            elif route not in self._blocked:  # a 429 with no reset header: back off a minute
+            elif self._blocked.get(route, 0.0) <= self.clock():
+                # a 429 with no reset header, and no block still running (an expired one is no
+                # block): back off a minute
                 self._blocked[route] = self.clock() + 60.0
 
     def _block(self, route: str, reset_time: int | None) -> None:
         with self._blocked_lock:
             if reset_time is not None:
                 self._blocked[route] = max(self._blocked.get(route, 0.0), float(reset_time) + 1.0)
-            else:
-                self._blocked.setdefault(route, self.clock() + 60.0)
+            elif self._blocked.get(route, 0.0) <= self.clock():  # an expired block is no block
+                self._blocked[route] = self.clock() + 60.0
 
     def wait_needed(self, route: str) -> float:
         """Seconds before ``route`` may be called again (0: now)."""
@@ -186,7 +196,14 @@ class XPlatform:
         import asyncio
 
         if intake:
-            await asyncio.to_thread(self.bot_identity)
+            try:
+                await asyncio.to_thread(self.bot_identity)
+            except (tweepy.Unauthorized, tweepy.Forbidden) as exc:
+                _log.error("X: the bot account cannot be looked up (check the [x] credentials); "
+                           "polling retries it: %s", exc)
+            except (tweepy.TweepyException, requests.RequestException) as exc:
+                # X down, rate-limited or unreachable: the service (and other platforms) still start
+                _log.warning("X: cannot look up the bot account yet; polling retries it: %s", exc)
 
     async def poll(self) -> int:
         import asyncio
@@ -285,22 +302,24 @@ class XPlatform:
                              before=now - dt.timedelta(seconds=self.lease_seconds))
         for req in owed:
             _log.info("X: sending a refusal owed since before a restart", extra={"request_id": req.id})
-            self._refuse(req, texts.refusal_text(req.error))
-            if self.wait_needed("post") > 0:
-                return
+            if not self._refuse(req, texts.refusal_text(req.error)):
+                if self.wait_needed("post") > 0:
+                    return  # rate-limited: look again at the first poll after the reset
+                break  # X is failing: look again in a minute
         self._next_sweep = now + dt.timedelta(seconds=REFUSAL_SWEEP_INTERVAL)
 
-    def _refuse(self, req: RequestRecord, message: str | None) -> None:
+    def _refuse(self, req: RequestRecord, message: str | None) -> bool:
         """Reply once to a refused mention, within the daily refusal budget; record what happened.
-        While posting is rate-limited nothing is recorded: the refusal stays owed
-        (:meth:`_send_owed_refusals` sends it once the limit resets)."""
+        While posting is rate-limited, or when X fails for a while (5xx, no connection), nothing is
+        recorded and the budget is given back: the refusal stays owed (:meth:`_send_owed_refusals`
+        sends it later). Returns False when it stays owed."""
         actor = f"intake:{self.name}"
         if self.wait_needed("post") > 0:
-            return
+            return False
         if not self.refusals.take(self.cfg.daily_refusal_budget):
             audit(self.queue.db, request_id=req.id, actor=actor, action="refusal_skipped",
                   reason="daily refusal budget spent", clock=self.queue.clock)
-            return
+            return True
         reply_to = str(req.options.get("reply_to") or req.external_id)
         try:
             resp = self.client.create_tweet(text=texts.x_refusal(message or texts.GENERIC_REFUSAL, req.id),
@@ -308,13 +327,22 @@ class XPlatform:
         except tweepy.TooManyRequests as exc:
             self._block("post", exc.reset_time)
             self.refusals.give_back()
-            return  # still owed
-        except (tweepy.TweepyException, requests.RequestException) as exc:
+            return False  # still owed
+        except (tweepy.TwitterServerError, requests.RequestException) as exc:
+            self.refusals.give_back()
+            _log.warning("X: refusal not sent, will try again later: %s", exc, extra={"request_id": req.id})
+            return False  # still owed
+        except tweepy.TweepyException as exc:  # refused for good (a deleted post, ...)
+            self.refusals.give_back()  # nothing was posted
             audit(self.queue.db, request_id=req.id, actor=actor, action="refusal_failed", reason=str(exc)[:500],
                   clock=self.queue.clock)
-            return
+            return True
+        except BaseException:
+            self.refusals.give_back()  # nothing was posted
+            raise
         audit(self.queue.db, request_id=req.id, actor=actor, action="refusal_posted",
               reason=f"reply {resp.data['id']}", clock=self.queue.clock)
+        return True
 
     # ---- delivery -------------------------------------------------------------------------
 
@@ -391,7 +419,11 @@ class XPlatform:
             resp = self._call("post", self.client.create_tweet, text=texts.x_refusal(message, request.id),
                               in_reply_to_tweet_id=reply_to)
         except _DuplicateContent as exc:
+            self.refusals.give_back()
             raise DeliveryError(f"X refused the refusal as duplicate content: {exc}", permanent=True) from exc
+        except BaseException:
+            self.refusals.give_back()  # nothing was posted: a failed try does not spend the budget
+            raise
         return self._delivery(str(resp.data["id"]))
 
     def _delivery(self, tweet_id: str) -> Delivery:
@@ -427,4 +459,18 @@ class _PostBudget:
 
 class _DuplicateContent(Exception):
     pass
+
+
+class _TimeoutSession(requests.Session):
+    """A session whose requests time out (``timeout``, as requests takes it) unless the caller sets
+    its own: tweepy calls ``session.request`` with no timeout, which waits forever on a hung server."""
+
+    def __init__(self, timeout: tuple[float, float]) -> None:
+        super().__init__()
+        self.timeout = timeout
+
+    def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:
+        if len(args) < 7 and kwargs.get("timeout") is None:  # (timeout is Session.request's 9th parameter)
+            kwargs["timeout"] = self.timeout
+        return super().request(method, url, *args, **kwargs)
 

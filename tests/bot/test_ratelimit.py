@@ -108,3 +108,49 @@ def test_a_batch_counts_its_own_requests(queue: Queue, clock) -> None:
     got = admit_many(queue, [_event(i) for i in range(5)], max_chars=280, checks=[lim])
     assert [a.accepted for a in got] == [True, True, True, False, False]
     assert "please try again in 60 seconds" in got[3].refusal  # the batch's own first request frees the slot
+
+
+def test_the_wait_is_that_of_the_window_freed_last(queue: Queue, clock) -> None:
+    """With the burst and the hourly window both full, "try again in" is the longer wait: one more
+    request fits only once both have room."""
+    lim = _limiter(queue, clock, user_burst=2, user_burst_seconds=60, user_hourly=3)
+    assert admit(queue, _event(0), max_chars=280, checks=[lim]).accepted  # t=0: leaves the hour at t=3600
+    clock.advance(61)
+    assert admit(queue, _event(1), max_chars=280, checks=[lim]).accepted  # t=61: leaves the burst at t=121
+    clock.advance(1)
+    assert admit(queue, _event(2), max_chars=280, checks=[lim]).accepted
+    clock.advance(8)  # t=70: the burst frees a slot in 51 s, the hour in 3530 s
+    refused = admit(queue, _event(3), max_chars=280, checks=[lim])
+    assert not refused.accepted and "please try again in 59 minutes" in refused.refusal
+    assert lim.limited(_event(4)).kind == "user_hourly"
+
+
+def test_events_stored_before_count_once(queue: Queue, clock) -> None:
+    """A redelivered event (stored before, or twice in one batch) is the stored request, and does not
+    count against a limit or the queue cap a second time."""
+    from bot.platforms.admission import admit_many
+
+    lim = _limiter(queue, clock, user_burst=3, user_burst_seconds=60, user_hourly=0, queue_cap=3)
+    first = admit(queue, _event(1), max_chars=280, checks=[lim])
+    assert first.accepted
+    clock.advance(5)
+    got = admit_many(queue, [_event(1), _event(2), _event(2), _event(1), _event(3)], max_chars=280, checks=[lim])
+    assert [(a.accepted, a.created) for a in got] == [(True, False), (True, True), (True, False), (True, False),
+                                                     (True, True)]
+    assert got[0].request.id == first.request.id and got[2].request.id == got[1].request.id
+    assert all(a.refusal is None for a in got)
+    # now the limit is really reached: 3 stored requests in the burst window and 3 queued
+    over = admit_many(queue, [_event(3), _event(4)], max_chars=280, checks=[lim])
+    assert [(a.accepted, a.created) for a in over] == [(True, False), (False, True)]
+    assert "please try again in 55 seconds" in over[1].refusal
+
+
+def test_a_refused_event_redelivered_keeps_its_refusal_without_a_new_one(queue: Queue, clock) -> None:
+    from bot.platforms.admission import admit_many
+
+    lim = _limiter(queue, clock, user_burst=1, user_burst_seconds=60, user_hourly=0)
+    got = admit_many(queue, [_event(1), _event(2)], max_chars=280, checks=[lim])
+    assert [a.accepted for a in got] == [True, False] and got[1].owes_refusal
+    again = admit_many(queue, [_event(2), _event(1)], max_chars=280, checks=[lim])
+    assert [(a.accepted, a.created, a.owes_refusal) for a in again] == [(False, False, False), (True, False, False)]
+    assert again[0].refusal == got[1].refusal

@@ -456,3 +456,158 @@ def test_moderator_rejection_is_replied_within_the_refusal_budget(fake: FakeX, q
     actions = [a.action for a in queue.audit() if a.action.startswith("refusal")]
     assert actions == ["refusal_posted", "refusal_failed"]
     x.client.session.close()
+
+
+def _limited_x(fake: FakeX, queue: Queue, xclock: EpochClock, **limits: Any) -> XPlatform:
+    from bot.config import LimitsConfig
+    from bot.ratelimit import RateLimiter
+    from storage.limits import LimitCounts
+
+    settings = XConfig(enabled=True, api_base_url=fake.base_url, poll_interval=5.0, **fake.credentials())
+    limiter = RateLimiter(LimitCounts(queue.db), LimitsConfig(**limits), clock=queue.clock)
+    return XPlatform(settings, queue, checks=[limiter], clock=xclock, sleep=xclock.advance)
+
+
+@BOTH_DATABASES
+def test_an_edited_or_redelivered_mention_does_not_count_against_the_limits(fake: FakeX, queue: Queue,
+                                                                            xclock: EpochClock) -> None:
+    """Mentions stored before (an edit with the same root, a redelivery) are left out of the rate
+    limits: a new mention arriving with them is judged on what is really stored."""
+    x = _limited_x(fake, queue, xclock, user_burst=2, user_burst_seconds=600, user_hourly=0)
+    alice = fake.add_user("alice")
+    first = fake.add_mention(alice, "a red fox")
+    assert x.poll_once() == 1
+    fake.edit_tweet(first, "@dalle_mini_bot a red fox, but better")
+    fake.redeliver(first)
+    second = fake.add_mention(alice, "a blue fox")
+    assert x.poll_once() == 1
+    assert one_request(queue, second).status == Status.QUEUED and fake.replies_to(second) == []
+    assert len(queue.list(platform="x")) == 2
+    third = fake.add_mention(alice, "a green fox")  # now alice really has 2 requests in the window
+    assert x.poll_once() == 1
+    assert one_request(queue, third).status == Status.REJECTED
+    assert "try again in" in shown(fake.replies_to(third)[0])
+    x.client.session.close()
+
+
+def test_a_hung_x_fails_the_try_instead_of_blocking_the_delivery(fake: FakeX, queue: Queue, xclock: EpochClock,
+                                                                  tmp_path: Path) -> None:
+    """tweepy sets no timeout: the adapter's session does, so a reply X never answers is given up
+    (and retried) instead of holding the delivery thread while its lease is renewed forever. X acting
+    late on the abandoned call refuses it as a duplicate: one reply."""
+    settings = XConfig(enabled=True, api_base_url=fake.base_url, poll_interval=5.0, **fake.credentials())
+    x = XPlatform(settings, queue, clock=xclock, sleep=xclock.advance, http_timeout=(5.0, 0.5))
+    naps: list[float] = []
+    worker = Worker(queue, LetterGenerator(), {"x": x}, tmp_path / "img", owner="w", sleep=naps.append)
+    mention = fake.add_mention(fake.add_user("alice"), "a sleepy sloth")
+    x.poll_once()
+    worker.generate_batch()
+    hang = fake.inject_hang("POST /2/tweets", seconds=30)
+    started = time.monotonic()
+    assert worker.deliver_batch() == 1
+    assert time.monotonic() - started < 15  # not the 30 s the server held the first try
+    assert hang.held == 1 and len(naps) == 1  # the first try timed out; the worker retried once
+    [reply] = fake.replies_to(mention)
+    rec = one_request(queue, mention)
+    assert rec.status == Status.POSTED and rec.reply_id == reply.id and x.posts.used() == 1
+    hang.release()
+    late = fake.wait_for(lambda f: [r for r in f.requests_to("POST /2/tweets") if r.status == 403])
+    assert "duplicate content" in late[0].response["detail"]
+    assert len(fake.replies_to(mention)) == 1
+    x.client.session.close()
+
+
+@BOTH_DATABASES
+@pytest.mark.parametrize("failure", ["server error", "timeout"])
+def test_a_refusal_hit_by_a_passing_x_failure_stays_owed(fake: FakeX, queue: Queue, xclock: EpochClock,
+                                                         clock: FakeClock, failure: str) -> None:
+    """A 5xx or a connection/timeout error on a refusal is not its outcome: nothing is recorded, the
+    budget slot is given back, and the refusal goes out at a later round, once."""
+    settings = XConfig(enabled=True, api_base_url=fake.base_url, poll_interval=5.0, daily_refusal_budget=1,
+                       **fake.credentials())
+    x = XPlatform(settings, queue, clock=xclock, sleep=xclock.advance, http_timeout=(5.0, 0.5))
+    empty = fake.add_mention(fake.add_user("bob"), "")
+    if failure == "server error":
+        fake.inject_server_error("POST /2/tweets", status=503, count=1)
+    else:
+        hang = fake.inject_hang("POST /2/tweets", seconds=30)
+    assert x.poll_once() == 1
+    assert one_request(queue, empty).status == Status.REJECTED
+    assert not [a for a in queue.audit() if a.action.startswith("refusal")]  # still owed
+    assert x.refusals.used() == 0  # the slot is given back
+    if failure == "timeout":
+        assert hang.held == 1
+    clock.advance(x.lease_seconds + 1)
+    x.poll_once()
+    [reply] = fake.replies_to(empty)
+    assert shown(reply).startswith("Please give me something to draw")
+    assert [a.action for a in queue.audit() if a.action.startswith("refusal")] == ["refusal_posted"]
+    assert x.refusals.used() == 1
+    clock.advance(60)
+    x.poll_once()
+    assert len(fake.replies_to(empty)) == 1
+    x.client.session.close()
+
+
+def test_a_moderator_refusal_that_fails_gives_its_budget_back(fake: FakeX, queue: Queue, xclock: EpochClock) -> None:
+    from bot import moderation
+
+    x = make_x(fake, queue, xclock, daily_refusal_budget=1)
+    first = fake.add_mention(fake.add_user("alice"), "a questionable picture")
+    second = fake.add_mention(fake.add_user("bob"), "another questionable picture")
+    x.poll_once()
+    fake.inject_server_error("POST /2/tweets", status=503, count=1)
+    moderation.act(queue, "reject", one_request(queue, first).id, actor="moderator:test", reason="Not this one.",
+                   platforms={"x": x})
+    assert fake.replies_to(first) == [] and x.refusals.used() == 0
+    moderation.act(queue, "reject", one_request(queue, second).id, actor="moderator:test", reason="Nor this.",
+                   platforms={"x": x})
+    [reply] = fake.replies_to(second)  # the budget of one was not spent by the failed try
+    assert shown(reply).startswith("Nor this. (#")
+    assert [a.action for a in queue.audit() if a.action.startswith("refusal")] == ["refusal_failed",
+                                                                                   "refusal_posted"]
+    x.client.session.close()
+
+
+def test_a_429_without_reset_after_an_expired_block_backs_off(fake: FakeX, x: XPlatform, queue: Queue,
+                                                             xclock: EpochClock) -> None:
+    """An old, expired rate-limit block does not stand in for the minute's backoff of a new 429
+    that says nothing about its reset."""
+    fake.inject_rate_limit(MENTIONS, count=1, reset_after=30)
+    assert x.poll_once() == 0
+    xclock.advance(31)  # that block is over (its entry stays)
+    fake.inject_rate_limit(MENTIONS, count=1, rate_headers=False)
+    assert x.poll_once() == 0
+    assert 59 < x.wait_needed("mentions") <= 60
+    assert x.poll_once() == 0  # not called again before the minute is over
+    limited = fake.requests_to(MENTIONS)
+    assert [r.status for r in limited] == [429, 429]
+    assert "x-rate-limit-reset" in limited[0].response_headers
+    assert not any(h.startswith("x-rate-limit") for h in limited[1].response_headers)  # no reset was sent
+    xclock.advance(61)
+    mention = fake.add_mention(fake.add_user("alice"), "a patient snail")
+    assert x.poll_once() == 1
+    assert one_request(queue, mention).status == Status.QUEUED
+
+
+@pytest.mark.parametrize("failure", ["server error", "rate limit", "timeout"])
+async def test_start_survives_x_failing_to_name_the_bot(fake: FakeX, queue: Queue, xclock: EpochClock,
+                                                        caplog: pytest.LogCaptureFixture, failure: str) -> None:
+    """Without bot_user_id/bot_username configured, start() looks the bot up; X failing there is
+    logged, not raised (it would stop the whole service, other platforms too): polling retries it."""
+    settings = XConfig(enabled=True, api_base_url=fake.base_url, poll_interval=5.0, **fake.credentials())
+    x = XPlatform(settings, queue, clock=xclock, sleep=xclock.advance, http_timeout=(5.0, 0.5))
+    if failure == "server error":
+        fake.inject_server_error("GET /2/users/me", status=503, count=1)
+    elif failure == "rate limit":
+        fake.inject_rate_limit("GET /2/users/me", count=1, reset_after=600)
+    else:
+        fake.inject_hang("GET /2/users/me", seconds=30)
+    with caplog.at_level("WARNING", logger="bot.platforms.x"):
+        await x.start(intake=True)
+    assert "cannot look up the bot account" in caplog.text
+    assert len(fake.requests_to("GET /2/users/me")) == (0 if failure == "timeout" else 1)
+    mention = fake.add_mention(fake.add_user("alice"), "a resilient robot")
+    assert x.poll_once() == 1  # the poller looks the bot up again
+    assert one_request(queue, mention).status == Status.QUEUED
+    await x.stop()
