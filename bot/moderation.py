@@ -4,7 +4,10 @@ The CLI, the dashboard and Discord's moderator commands all call these functions
 
 A rejection owes the requester a refusal. When the caller passes its ``platforms``, :func:`act` sends
 it at once through the request's platform (if that platform has ``deliver_refusal``) and records
-``refusal_posted`` or ``refusal_failed`` in the queue log; the rejection stands either way.
+``refusal_posted`` or ``refusal_failed`` in the queue log; the rejection stands either way. A
+temporary failure records nothing: the refusal stays owed, and the platform's poller sends it later
+(X: :func:`storage.platform_state.owed_refusals`), as it does for rejections made without
+``platforms`` (the CLI).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from bot.platforms.base import DeliveryError
 from storage.platform_state import audit
 from storage.queue import Queue
 from storage.records import RequestRecord, UserRecord
@@ -46,6 +50,15 @@ def send_refusal(queue: Queue, rec: RequestRecord, platforms: Mapping[str, Any],
         return False
     try:
         delivery = deliver(rec, message)
+    except DeliveryError as exc:
+        if not exc.permanent:  # X failing for a while: nothing recorded, so the refusal stays owed
+            _log.warning("refusal for request %s not sent yet (%s); it stays owed", rec.id, exc,
+                         extra={"request_id": rec.id})
+            return False
+        _log.warning("refusal for request %s failed: %s", rec.id, exc, extra={"request_id": rec.id})
+        audit(queue.db, request_id=rec.id, actor=actor, action="refusal_failed", reason=str(exc)[:500],
+              user_ref=rec.user_ref, clock=queue.clock)
+        return False
     except Exception as exc:  # the rejection stands; the log says the refusal did not go out
         _log.warning("refusal for request %s failed: %s", rec.id, exc, extra={"request_id": rec.id})
         audit(queue.db, request_id=rec.id, actor=actor, action="refusal_failed", reason=str(exc)[:500],

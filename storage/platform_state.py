@@ -201,12 +201,16 @@ def throughput(db: Database, *, window: float = 3600.0, clock: Callable[[], dt.d
 
 def owed_refusals(db: Database, platform: str, *, since: dt.datetime, before: dt.datetime,
                   limit: int = 20) -> list[RequestRecord]:
-    """Requests of ``platform`` refused (status ``rejected``) between ``since`` and ``before`` whose
+    """Requests of ``platform`` refused (status ``rejected``) between ``since`` and ``before``, at
+    intake or later by a moderator (the time of the refusal counts, not the request's age), whose
     queue log has no refusal outcome: their reply is still owed. Oldest first."""
     settled = select(A.c.id).where(A.c.request_id == R.c.id, A.c.action.in_(REFUSAL_OUTCOMES)).exists()
+    refused = select(A.c.request_id).where(
+        COUNTED_LOG, A.c.created_at >= since, A.c.created_at < before, A.c.to_status == Status.REJECTED.value,
+        A.c.action.in_(["received", "rejected"]))
     with db.read.connect() as conn:
         rows = conn.execute(
-            select(R).where(R.c.created_at >= since, R.c.created_at < before, R.c.platform == platform,
+            select(R).where(R.c.id.in_(refused), R.c.platform == platform,
                             R.c.status == Status.REJECTED.value, ~settled)
             .order_by(R.c.id).limit(limit)
         ).all()

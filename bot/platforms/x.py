@@ -291,8 +291,10 @@ class XPlatform:
         )
 
     def _send_owed_refusals(self) -> None:
-        """Refusals a poller stored but did not answer (it died in between): sent late, once.
-        Only requests refused more than a lease ago, so a live poller's own replies are not raced.
+        """Refusals not answered yet: a poller stored them and died, X failed for a while, or a
+        moderator rejected without sending one (the CLI): sent late, once. Only requests refused
+        (at intake or by a moderator) in the last hour and more than a lease ago, so a live
+        poller's own replies are not raced.
         Looked for once a minute (not every poll), and again at the next poll when a rate limit cut
         the last look short."""
         now = self.queue.clock()
@@ -413,7 +415,7 @@ class XPlatform:
     def deliver_refusal(self, request: RequestRecord, message: str) -> Delivery:
         """A moderator rejected ``request``: reply with ``message`` (within the refusal budget)."""
         if not self.refusals.take(self.cfg.daily_refusal_budget):
-            raise DeliveryError("the daily X refusal budget is spent")
+            raise DeliveryError("the daily X refusal budget is spent", permanent=True)
         reply_to = str(request.options.get("reply_to") or request.external_id)
         try:
             resp = self._call("post", self.client.create_tweet, text=texts.x_refusal(message, request.id),

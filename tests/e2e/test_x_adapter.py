@@ -564,9 +564,37 @@ def test_a_moderator_refusal_that_fails_gives_its_budget_back(fake: FakeX, queue
                    platforms={"x": x})
     [reply] = fake.replies_to(second)  # the budget of one was not spent by the failed try
     assert shown(reply).startswith("Nor this. (#")
-    assert [a.action for a in queue.audit() if a.action.startswith("refusal")] == ["refusal_failed",
-                                                                                   "refusal_posted"]
+    # the failed try recorded nothing: still owed, and the poller's sweep settles it (budget now spent)
+    assert [a.action for a in queue.audit() if a.action.startswith("refusal")] == ["refusal_posted"]
+    queue.clock.advance(x.lease_seconds + 1)  # type: ignore[attr-defined]
+    x.poll_once()
+    assert [(a.request_id, a.action) for a in queue.audit() if a.action.startswith("refusal")] == [
+        (one_request(queue, second).id, "refusal_posted"), (one_request(queue, first).id, "refusal_skipped")]
     x.client.session.close()
+
+
+@BOTH_DATABASES
+def test_a_rejection_from_the_cli_is_replied_by_the_poller(fake: FakeX, x: XPlatform, queue: Queue,
+                                                          clock: FakeClock) -> None:
+    """A request held for review for hours, then rejected where no X client runs (the CLI, the
+    dashboard): the poller owes its author a refusal and sends it, once."""
+    from bot import moderation
+
+    mention = fake.add_mention(fake.add_user("alice"), "a questionable picture")
+    x.poll_once()
+    rid = one_request(queue, mention).id
+    queue.hold(rid, actor="moderator:test", reason="look at it")
+    clock.advance(5 * 3600)
+    moderation.act(queue, "reject", rid, actor="moderator:cli", reason="Not this one.")
+    x.poll_once()
+    assert fake.replies_to(mention) == []  # not before a lease has passed (a live sender is not raced)
+    clock.advance(x.lease_seconds + 61)
+    x.poll_once()
+    [reply] = fake.replies_to(mention)
+    assert shown(reply).startswith("Not this one. (#")
+    clock.advance(120)
+    x.poll_once()
+    assert len(fake.replies_to(mention)) == 1
 
 
 def test_a_429_without_reset_after_an_expired_block_backs_off(fake: FakeX, x: XPlatform, queue: Queue,
