@@ -271,7 +271,17 @@ class DiscordPlatform:
             return
         event = self._event(interaction, texts.extract_discord_prompt(prompt), images or self.default_images, seed,
                             {"private": private, "kind": "slash"})
-        adm = await asyncio.to_thread(admit, self.queue, event, max_chars=self.max_prompt_chars, checks=self.checks)
+        await self._admit_and_answer(interaction, event)
+
+    async def _admit_and_answer(self, interaction: discord.Interaction, event: IntakeEvent) -> None:
+        try:
+            adm = await asyncio.to_thread(admit, self.queue, event, max_chars=self.max_prompt_chars,
+                                          checks=self.checks)
+        except Exception:  # the database is down (or a bug): say so rather than "thinking" for ever
+            _log.exception("could not take Discord request %s", interaction.id)
+            with contextlib.suppress(discord.HTTPException):
+                await interaction.edit_original_response(content=texts.INTAKE_UNAVAILABLE)
+            return
         await self._answer(interaction, adm)
 
     def _event(self, interaction: discord.Interaction, prompt: str, n_images: int, seed: int | None,
@@ -405,8 +415,7 @@ class DiscordPlatform:
             seed = self.rng.randrange(2**31)
         event = self._event(interaction, original.prompt_raw, original.n_images, seed,
                             {"private": private, "kind": "reroll", "reroll_of": request_id})
-        adm = await asyncio.to_thread(admit, self.queue, event, max_chars=self.max_prompt_chars, checks=self.checks)
-        await self._answer(interaction, adm)
+        await self._admit_and_answer(interaction, event)
 
     # ---- status and moderation ------------------------------------------------------------
 
@@ -605,8 +614,12 @@ class DiscordPlatform:
                 try:
                     msg = await tracked.interaction.edit_original_response(content=message, view=None)
                     return Delivery(reply_id=str(msg.id), reply_url=msg.jump_url)
-                except discord.HTTPException:
-                    pass  # the token is gone: fall back to the channel
+                except discord.RateLimited as exc:
+                    raise _delivery_error(exc) from exc
+                except discord.HTTPException as exc:
+                    if exc.status not in (401, 404):  # the edit may have gone through: do not post twice
+                        raise _delivery_error(exc) from exc
+                    # the token is gone: fall back to the channel
         try:
             if request.options.get("private"):
                 user = await self.client.fetch_user(int(request.author_id))

@@ -349,6 +349,21 @@ async def test_a_slow_rejection_still_answers_the_moderator_in_time(fake: FakeDi
     assert inter.original.content.startswith("Sorry, a moderator") and inter.original.custom_ids == []  # told
 
 
+async def test_a_database_outage_at_intake_is_answered(fake: FakeDiscord, adapter: DiscordPlatform, queue: Queue,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """/dalle is deferred at once; if the request cannot be stored, the "thinking" message says so."""
+    from bot.platforms import discord as discord_module
+    from storage.errors import DatabaseUnavailable
+
+    def down(*args: Any, **kwargs: Any) -> None:
+        raise DatabaseUnavailable("the database is not answering")
+
+    monkeypatch.setattr(discord_module, "admit", down)
+    inter = await fake.send_slash_command("dalle", {"prompt": "a cat"}, user=fake.add_user("mason"))
+    assert (await answered(fake, inter)).content == texts.INTAKE_UNAVAILABLE
+    assert queue.list(platform="discord") == []
+
+
 async def test_allowed_channels_per_guild(fake: FakeDiscord, queue: Queue, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(discord.http.Route, "BASE", fake.api_base)
     monkeypatch.setattr(DiscordWebSocket, "DEFAULT_GATEWAY", yarl.URL(fake.gateway_url))
