@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from typing import Any
 
@@ -20,6 +21,27 @@ from storage.states import Status
 
 EXIT_USAGE = 2
 EXIT_ERROR = 1
+
+# Bounds for numbers on the command line: out of range is a one-line usage error, never a
+# traceback from the database (ids and seeds are stored as signed 64-bit integers) or a socket.
+MAX_INT64 = 2**63 - 1
+REQUEST_ID = click.IntRange(1, MAX_INT64)
+COUNT = click.IntRange(1, MAX_INT64)
+SEED = click.IntRange(0, MAX_INT64)
+PORT = click.IntRange(1, 65535)
+BATCH_SIZE = click.IntRange(1, 1024)  # as [queue] batch_size
+
+
+class FiniteFloatRange(click.FloatRange):
+    """A float range that also refuses nan and inf (click's FloatRange lets nan through)."""
+
+    name = "float range"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
 
 
 class Ctx:
@@ -108,7 +130,7 @@ def queue() -> None:
 @click.argument("prompt")
 @click.option("--user", default="local-user", show_default=True, help="Requester id on the local platform.")
 @click.option("--n", "n_images", type=int, default=None, help="Number of images (default: [queue] default_images).")
-@click.option("--seed", type=int, default=None)
+@click.option("--seed", type=SEED, default=None, help="Seed: same seed, same images (default: random).")
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 def queue_add(c: Ctx, prompt: str, user: str, n_images: int | None, seed: int | None, as_json: bool) -> None:
@@ -138,8 +160,8 @@ def _status_option(f):  # type: ignore[no-untyped-def]
 @click.option("--platform", default=None)
 @click.option("--user", default=None, help="Author id, or platform:id.")
 @click.option("--search", default=None, help="Text in the prompt or author name.")
-@click.option("--limit", type=int, default=50, show_default=True)
-@click.option("--before", "before_id", type=int, default=None, help="Page: ids below this one.")
+@click.option("--limit", type=COUNT, default=50, show_default=True)
+@click.option("--before", "before_id", type=REQUEST_ID, default=None, help="Page: ids below this one.")
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 def queue_list(c: Ctx, status: tuple[str, ...], platform: str | None, user: str | None, search: str | None,
@@ -159,7 +181,7 @@ def queue_list(c: Ctx, status: tuple[str, ...], platform: str | None, user: str 
 
 
 @queue.command("show")
-@click.argument("request_id", type=int)
+@click.argument("request_id", type=REQUEST_ID)
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 def queue_show(c: Ctx, request_id: int, as_json: bool) -> None:
@@ -200,7 +222,7 @@ def queue_stats(c: Ctx, as_json: bool) -> None:
 
 def _moderation_command(name: str, help_text: str):  # type: ignore[no-untyped-def]
     @queue.command(name, help=help_text)
-    @click.argument("request_id", type=int)
+    @click.argument("request_id", type=REQUEST_ID)
     @click.option("--reason", default=None, help="Why (kept in the queue log).")
     @click.option("--as", "actor", default="cli", show_default=True, help="Moderator name for the queue log.")
     @pass_ctx
@@ -248,8 +270,8 @@ _ban_command("unban", False, "Lift a ban on USER.")
 
 @cli.command()
 @click.option("--drain", is_flag=True, help="Process until the queue is empty, then exit 0.")
-@click.option("--batch-size", type=int, default=None, help="Requests per batch (default: [queue] batch_size).")
-@click.option("--max-wait", type=float, default=30.0, show_default=True,
+@click.option("--batch-size", type=BATCH_SIZE, default=None, help="Requests per batch (default: [queue] batch_size).")
+@click.option("--max-wait", type=FiniteFloatRange(0, 86400), default=30.0, show_default=True,
               help="With --drain: longest wait for a retry that is not yet due.")
 @pass_ctx
 def worker(c: Ctx, drain: bool, batch_size: int | None, max_wait: float) -> None:
@@ -275,7 +297,7 @@ def worker(c: Ctx, drain: bool, batch_size: int | None, max_wait: float) -> None
 
 @cli.command()
 @click.option("--host", default=None, help="Listen address (default: [server] host).")
-@click.option("--port", type=int, default=None, help="Listen port (default: [server] port).")
+@click.option("--port", type=PORT, default=None, help="Listen port (default: [server] port).")
 @click.option("--role", type=click.Choice(["all", "intake", "worker"]), default="all", show_default=True)
 @pass_ctx
 def serve(c: Ctx, host: str | None, port: int | None, role: str) -> None:
@@ -313,6 +335,9 @@ def _attach_plugins() -> None:
     shapes_cli.register(cli)
 
 
+_NO_ARGS_IS_HELP: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
+
+
 def main(argv: list[str] | None = None) -> None:
     from inference.errors import InferenceError
 
@@ -324,8 +349,15 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("dallebot: aborted", err=True)
         sys.exit(EXIT_ERROR)
-    except click.ClickException as exc:
+    except _NO_ARGS_IS_HELP as exc:  # a group run without a command: its help, as click shows it
         exc.show()
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        # One line like every other error (click's own format is usage, a hint and the message).
+        message = " ".join(exc.format_message().split())
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if isinstance(exc, click.UsageError) and ctx else ""
+        click.echo(f"dallebot: error: {message}{hint}", err=True)
         sys.exit(exc.exit_code)
     except (ConfigError, StorageError, InferenceError, PromptRejected) as exc:
         click.echo(f"dallebot: error: {exc}", err=True)

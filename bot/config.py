@@ -15,6 +15,7 @@ keeps it in step with these dataclasses.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import types
@@ -320,7 +321,7 @@ def load_settings(path: str | os.PathLike[str] | None = None, *, env: dict[str, 
         sections[name] = _build_section(cls, raw.get(name, {}), name, source, env)
     settings = Settings(**sections, source=source)
     if env.get(ENV_DATA_DIR):
-        settings = dataclasses.replace(settings, data=DataConfig(dir=env[ENV_DATA_DIR]))
+        settings = dataclasses.replace(settings, data=dataclasses.replace(settings.data, dir=env[ENV_DATA_DIR]))
     if env.get(ENV_DATABASE_URL):
         settings = dataclasses.replace(
             settings, database=dataclasses.replace(settings.database, url=env[ENV_DATABASE_URL])
@@ -329,24 +330,48 @@ def load_settings(path: str | os.PathLike[str] | None = None, *, env: dict[str, 
     return settings
 
 
+DAY = 86400
+MAX_COUNT = 10**9  # rate limits and the queue cap: far above any real use, and within 64 bits
+
+
+def _between(key: str, value: float, lo: float, hi: float, note: str = "") -> tuple[bool, str, str]:
+    """A range check for :func:`_validate` (nan fails every comparison, so it fails here too)."""
+    return (lo <= value <= hi, key, f"must be between {lo} and {hi}{note}")
+
+
 def _validate(s: Settings) -> None:
     src = s.source
+    # Every number must be finite (TOML has inf and nan): checked for all float keys, so a new key
+    # cannot miss it; the ranges below then bound each key.
+    for name in SECTIONS:
+        section = getattr(s, name)
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{name}.{f.name} in {src} must be a finite number, got {value!r}")
+    q, lim = s.queue, s.limits
     checks = [
-        (s.queue.lease_seconds > 0, "queue.lease_seconds", "must be > 0"),
-        (s.queue.max_attempts >= 1, "queue.max_attempts", "must be >= 1"),
-        (s.queue.batch_size >= 1, "queue.batch_size", "must be >= 1"),
-        (1 <= s.queue.default_images <= s.queue.max_images, "queue.default_images", "must be between 1 and queue.max_images"),
-        (s.queue.max_images in range(1, 17), "queue.max_images", "must be between 1 and 16"),
-        (s.queue.max_prompt_chars >= 1, "queue.max_prompt_chars", "must be >= 1"),
-        (s.queue.delivery_retry_seconds >= 0, "queue.delivery_retry_seconds", "must be >= 0"),
+        _between("data.image_retention_days", s.data.image_retention_days, 0, 36500, " (0 keeps images forever)"),
+        _between("database.sqlite_busy_timeout", s.database.sqlite_busy_timeout, 0, 3600),
+        _between("database.pool_size", s.database.pool_size, 1, 1000),
+        _between("queue.lease_seconds", q.lease_seconds, 5, DAY),
+        _between("queue.max_attempts", q.max_attempts, 1, 100),
+        _between("queue.retry_base_seconds", q.retry_base_seconds, 0, DAY),
+        (q.retry_base_seconds <= q.retry_max_seconds <= 7 * DAY, "queue.retry_max_seconds",
+         f"must be between queue.retry_base_seconds ({q.retry_base_seconds:g}) and {7 * DAY} (a week)"),
+        _between("queue.batch_size", q.batch_size, 1, 1024),
+        (q.max_images in range(1, 17), "queue.max_images", "must be between 1 and 16"),
+        (1 <= q.default_images <= q.max_images, "queue.default_images", "must be between 1 and queue.max_images"),
+        _between("queue.max_prompt_chars", q.max_prompt_chars, 1, 100_000),
+        _between("queue.delivery_retry_seconds", q.delivery_retry_seconds, 0, DAY),
         (s.model.provider in ("auto", "cpu", "cuda"), "model.provider", "must be one of auto, cpu, cuda"),
-        (s.model.threads >= 0, "model.threads", "must be >= 0"),
+        _between("model.threads", s.model.threads, 0, 1024, " (0 lets onnxruntime decide)"),
         (0 < s.server.port < 65536, "server.port", "must be a TCP port (1-65535)"),
         (s.logging.level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "logging.level", "must be DEBUG, INFO, WARNING or ERROR"),
         (s.logging.format in ("text", "json"), "logging.format", "must be text or json"),
-        (s.limits.user_burst_seconds > 0, "limits.user_burst_seconds", "must be > 0"),
-        (min(s.limits.user_burst, s.limits.user_hourly, s.limits.guild_hourly, s.limits.channel_hourly,
-             s.limits.queue_cap) >= 0, "limits", "counts must be >= 0 (0 turns a limit off)"),
+        _between("limits.user_burst_seconds", lim.user_burst_seconds, 1, DAY),
+        *[_between(f"limits.{k}", getattr(lim, k), 0, MAX_COUNT, " (0 turns the limit off)")
+          for k in ("user_burst", "user_hourly", "guild_hourly", "channel_hourly", "queue_cap")],
         ("{wait}" in s.limits.limited_message, "limits.limited_message", "must contain {wait}"),
         (0.0 <= s.safety.nsfw_threshold <= 1.0, "safety.nsfw_threshold", "must be between 0 and 1"),
         (all(t.strip().rstrip("*").strip() for t in s.safety.deny), "safety.deny", "entries must not be empty"),
@@ -366,12 +391,12 @@ def _platform_checks(s: Settings) -> list[tuple[bool, str, str]]:
     x, d = s.x, s.discord
     return [
         (_url_ok(x.api_base_url, ("http", "https")), "x.api_base_url", "must be an http(s) URL or empty"),
-        (x.poll_interval >= 1, "x.poll_interval", "must be >= 1 (X allows one poll every 3 s at most)"),
+        _between("x.poll_interval", x.poll_interval, 1, DAY, " (X allows one poll every 3 s at most)"),
         (1 <= x.images <= 4, "x.images", "must be between 1 and 4 (X allows 4 photos per post)"),
         (x.reply_layout in ("grid", "separate"), "x.reply_layout", "must be grid or separate"),
-        (x.daily_post_budget >= 0, "x.daily_post_budget", "must be >= 0"),
-        (x.daily_refusal_budget >= 0, "x.daily_refusal_budget", "must be >= 0"),
-        (x.max_rate_limit_wait >= 0, "x.max_rate_limit_wait", "must be >= 0"),
+        _between("x.daily_post_budget", x.daily_post_budget, 0, 1_000_000),
+        _between("x.daily_refusal_budget", x.daily_refusal_budget, 0, 1_000_000),
+        _between("x.max_rate_limit_wait", x.max_rate_limit_wait, 0, 3600),
         (not x.enabled or bool(x.bearer_token and x.consumer_key and x.consumer_secret and x.access_token
                                and x.access_token_secret),
          "x.enabled", "needs bearer_token, consumer_key, consumer_secret, access_token and access_token_secret "
@@ -384,7 +409,7 @@ def _platform_checks(s: Settings) -> list[tuple[bool, str, str]]:
         (all(len(e.split(":")) == 2 and all(p.isdigit() for p in e.split(":")) for e in d.allowed_channels),
          "discord.allowed_channels", 'entries must look like "guild_id:channel_id"'),
         (1 <= d.max_images <= 10, "discord.max_images", "must be between 1 and 10"),
-        (d.position_update_seconds >= 1, "discord.position_update_seconds", "must be >= 1"),
+        _between("discord.position_update_seconds", d.position_update_seconds, 1, 3600),
         (0 <= d.expiry_margin_seconds < 900, "discord.expiry_margin_seconds", "must be between 0 and 900"),
     ]
 

@@ -89,3 +89,51 @@ def test_password_is_hidden_in_errors(tmp_path: Path) -> None:
 @pytest.mark.parametrize("prompt", ["", "   ", "\u200b\u200b", "!!!"])
 def test_bad_prompts_are_refused_politely(tmp_path: Path, prompt: str) -> None:
     assert_one_line_error(run("queue", "add", prompt, data=tmp_path), "Please")
+
+
+BIG = "99999999999999999999"  # > 2**63-1: no database can hold it
+
+
+def test_out_of_range_numbers_are_one_line_errors(tmp_path: Path, db_url: str) -> None:
+    assert run("db", "upgrade", data=tmp_path, db_url=db_url).returncode == 0
+    add = json.loads(run("queue", "add", "a red circle", "--json", data=tmp_path, db_url=db_url).stdout)
+    cases = [
+        *[(("queue", name, BIG), "REQUEST_ID") for name in ("show", "cancel", "approve", "reject", "requeue")],
+        (("queue", "show", "0"), "REQUEST_ID"),
+        (("queue", "list", "--limit", "-1"), "--limit"),
+        (("queue", "list", "--limit", "0"), "--limit"),
+        (("queue", "list", "--limit", BIG), "--limit"),
+        (("queue", "list", "--before", BIG), "--before"),
+        (("queue", "add", "a blue square", "--seed", BIG), "--seed"),
+        (("queue", "add", "a blue square", "--seed", "-1"), "--seed"),
+        (("queue", "add", "a blue square", "--n", BIG), "--n"),
+    ]
+    for args, needle in cases:
+        assert_one_line_error(run(*args, data=tmp_path, db_url=db_url), needle)
+    stats = json.loads(run("queue", "stats", "--json", data=tmp_path, db_url=db_url).stdout)
+    assert stats["queued"] == 1  # nothing was added, cancelled or claimed
+    assert json.loads(run("queue", "show", str(add["id"]), "--json", data=tmp_path, db_url=db_url).stdout)["status"] == "queued"
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (("worker", "--drain", "--batch-size", "-1"), "--batch-size"),
+    (("worker", "--drain", "--batch-size", "0"), "--batch-size"),
+    (("worker", "--drain", "--max-wait", "nan"), "--max-wait"),
+    (("worker", "--drain", "--max-wait", "-1"), "--max-wait"),
+    (("serve", "--port", "99999"), "--port"),
+    (("serve", "--port", "0"), "--port"),
+])
+def test_worker_and_serve_options_are_checked(tmp_path: Path, args: tuple[str, ...], needle: str) -> None:
+    run("queue", "add", "a red circle", data=tmp_path)
+    assert_one_line_error(run(*args, data=tmp_path), needle)
+    stats = json.loads(run("queue", "stats", "--json", data=tmp_path).stdout)
+    assert stats["queued"] == 1  # --batch-size -1 (SQLite's LIMIT -1) had claimed the whole queue
+
+
+def test_non_finite_config_values_are_one_line_errors(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    for text, key in [("[queue]\nlease_seconds = inf\n", "queue.lease_seconds"),
+                      ("[queue]\nretry_base_seconds = nan\n", "queue.retry_base_seconds"),
+                      ("[database]\npool_size = -1\n", "database.pool_size")]:
+        cfg.write_text(text)
+        assert_one_line_error(run("worker", "--drain", data=tmp_path, config=cfg), key, str(cfg))
