@@ -269,7 +269,8 @@ _ban_command("unban", False, "Lift a ban on USER.")
 # ---- worker and server --------------------------------------------------------------------
 
 @cli.command()
-@click.option("--drain", is_flag=True, help="Process until the queue is empty, then exit 0.")
+@click.option("--drain", is_flag=True,
+              help="Process until the queue is empty, then exit 0 (1, saying why, when work is left).")
 @click.option("--batch-size", type=BATCH_SIZE, default=None, help="Requests per batch (default: [queue] batch_size).")
 @click.option("--max-wait", type=FiniteFloatRange(0, 86400), default=30.0, show_default=True,
               help="With --drain: longest wait for a retry that is not yet due.")
@@ -289,6 +290,8 @@ def worker(c: Ctx, drain: bool, batch_size: int | None, max_wait: float) -> None
                 f"generated {s.generated}  posted {s.posted}  failed {s.failed}", err=True))
             click.echo(f"drained in {stats.seconds:.1f}s: generated {stats.generated}, posted {stats.posted}, "
                        f"failed attempts {stats.failed}, delivery failures {stats.delivery_failures}")
+            if stats.left:  # exit 0 means the queue holds nothing this worker could still do
+                raise click.ClickException(f"stopped with work left: {stats.left}")
         else:
             from bot.service import run_service
 

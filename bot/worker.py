@@ -75,6 +75,7 @@ class DrainStats:
     batches: int = 0
     seconds: float = 0.0
     by_status: dict[str, int] = field(default_factory=dict)
+    left: str | None = None     # why a drain stopped with work left (None: nothing left it can do)
 
 
 class Worker:
@@ -340,14 +341,20 @@ class Worker:
                 if self.generator is not None and not generation_paused(self.queue):
                     continue
                 why = "generation is paused by a moderator" if self.generator is not None else "no model"
-                _log.warning("%d request(s) wait in the queue, but %s; stopping", pending["queued_now"], why)
+                self.stats.left = f"{pending['queued_now']} request(s) wait in the queue, but {why}"
+                _log.warning("%s; stopping", self.stats.left)
                 break
             next_run = pending["next_run_at"]
             if next_run is None:
+                if pending["elsewhere"]:
+                    self.stats.left = (f"{pending['elsewhere']} result(s) wait for platforms this worker does "
+                                       f"not deliver to (it has: {', '.join(sorted(self.platforms)) or 'none'})")
+                    _log.warning("%s; stopping", self.stats.left)
                 break
             wait = (next_run - self.queue.clock()).total_seconds()
             if wait > max_wait:
-                _log.warning("next retry is due in %.0fs, more than --max-wait; stopping", wait)
+                self.stats.left = f"the next retry is due in {wait:.0f}s, more than --max-wait"
+                _log.warning("%s; stopping", self.stats.left)
                 break
             self.sleep(max(0.05, wait))
         self.stats.seconds = time.monotonic() - t0

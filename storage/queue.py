@@ -720,8 +720,10 @@ class Queue:
                        sa.and_(R.c.status == S.POSTING.value, R.c.lease_expires_at < now)))).scalar_one()
             expired = conn.execute(select(func.count()).select_from(R).where(
                 R.c.status == S.RUNNING.value, R.c.lease_expires_at < now)).scalar_one()
+            elsewhere = 0 if platforms is None else conn.execute(select(func.count()).select_from(R).where(
+                ~ours, R.c.status.in_([S.GENERATED.value, S.POSTING.value]))).scalar_one()
         return {"queued_now": queued_now, "next_run_at": next_run, "deliverable": deliverable,
-                "expired_leases": expired}
+                "expired_leases": expired, "elsewhere": elsewhere}
 
     # ---- cursors --------------------------------------------------------------------------
 

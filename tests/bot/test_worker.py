@@ -70,6 +70,18 @@ def test_cli_worker_drain_with_a_configured_bundle(tmp_path: Path, bundle: Path,
     assert p.returncode == 0, p.stderr
     assert "generated 1, posted 1" in p.stdout
     assert (tmp_path / "data" / "outbox" / "1" / "reply.json").exists()
+    # work left that this worker cannot do (generation paused): exit 1, saying why
+    assert run("queue", "add", "a red circle", "--n", "1").returncode == 0
+    from bot.app import open_app
+    from bot.config import load_settings
+    from storage.moderators import Switches
+
+    with open_app(load_settings(cfg, env={})) as app:
+        Switches(app.queue).set("generation_paused", True, actor="moderator:m")
+    p = run("worker", "--drain")
+    assert p.returncode == 1 and "generated 0, posted 0" in p.stdout
+    assert p.stderr.strip().splitlines()[-1] == ("dallebot: error: stopped with work left: 1 request(s) wait in the "
+                                                 "queue, but generation is paused by a moderator")
 
 
 def test_missing_bundle_is_one_line(tmp_path: Path) -> None:

@@ -98,6 +98,7 @@ def test_drain_ends_when_only_other_platforms_results_are_left(queue: Queue, tmp
     t.join(timeout=30)
     assert done.is_set(), "drain kept looping"
     assert queue.get(rid).status == Status.GENERATED
+    assert worker.stats.left == "1 result(s) wait for platforms this worker does not deliver to (it has: local)"
 
 
 def test_approve_checks_held_under_the_lock(queue: Queue, monkeypatch: pytest.MonkeyPatch) -> None:
