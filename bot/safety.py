@@ -25,6 +25,8 @@ it. An allow-list match wins over every deny match inside the words it covers ("
 
 from __future__ import annotations
 
+import math
+
 import logging
 import re
 import unicodedata
@@ -353,6 +355,8 @@ def nsfw_hold_reason(scores: Sequence[float], threshold: float) -> str | None:
     None when it may be posted."""
     if not scores:
         return None
+    if not all(math.isfinite(s) for s in scores):  # nan compares false: never read as "safe"
+        return "NSFW check gave no valid score (not a number)"
     top = max(scores)
     if top >= threshold:
         return f"NSFW score {top:.2f} >= threshold {threshold:.2f}"

@@ -60,6 +60,7 @@ from .tokenizer import BartTokenizer
 _log = logging.getLogger(__name__)
 
 MAX_PROMPT_CHARS = 2000   # longer input is cut before normalisation (it would be truncated anyway)
+MAX_GRAPH_SIZES = 4       # batch sizes whose decoder buffers (and CUDA graphs) are kept at once
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,7 @@ class Pipeline:
         self.cuda_graph = False          # set by load(): decoder steps replayed as CUDA graphs
         self._graph_states: dict[int, _SamplerState] = {}   # rows -> buffers (fixed addresses) + bindings
         self._plain_decoder: Callable[[], ort.InferenceSession] | None = None   # the decoder without CUDA graphs
+        self._next_graph_id = 1
 
     # ----------------------------------------------------------------------------------------------
     @classmethod
@@ -269,6 +271,8 @@ class Pipeline:
         seeds = [int(s) for s in seeds]
         if len(seeds) != len(prompts):
             raise InferenceError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
+        if any(not 0 <= s < 2**63 for s in seeds):
+            raise InferenceError("seeds must be between 0 and 2**63 - 1")
         self.last_seeds = seeds
         params = self.sampling_params(condition_scale=condition_scale, top_k=top_k, top_p=top_p,
                                       temperature=temperature)
@@ -395,13 +399,17 @@ class Pipeline:
             # a new size, or a generation of this size is still running (generations may interleave):
             # fresh buffers; only the first set for a size is captured, the others run plainly
             keep = self.cuda_graph and state is None
+            if keep and len(self._graph_states) >= MAX_GRAPH_SIZES:
+                self._evict_graph_size()
             state = _SamplerState.create(sess, self.device, inputs, cross, (b, n_steps), layers,
                                          (r, h, n_steps, dh), self._kv_dtype,
-                                         first_graph_id=1 + 2 * len(self._graph_states) if keep else None)
+                                         first_graph_id=self._next_graph_id if keep else None)
             if keep:
                 self._graph_states[r] = state
+                self._next_graph_id += 2
         else:
             state.refill(inputs, cross)
+            self._graph_states[r] = self._graph_states.pop(r)      # most recently used last
         state.busy = True
         try:
             for t in range(n_steps):
@@ -421,6 +429,15 @@ class Pipeline:
                 yield t + 1
         finally:
             state.busy = False
+
+    def _evict_graph_size(self) -> None:
+        """Drop the least recently used idle batch size's buffers (each holds a full set of KV
+        caches on the device: ~24 MiB per row for DALL·E Mini in fp16). Its captured graphs stay
+        in onnxruntime but are never replayed: graph ids are not reused."""
+        for rows, state in self._graph_states.items():
+            if not state.busy:
+                del self._graph_states[rows]
+                return
 
     # ----------------------------------------------------------------------------------------------
     def decode_pixels(self, codes: np.ndarray, batch: int | None = None) -> np.ndarray:

@@ -152,6 +152,9 @@ def test_nsfw_hold_reason_is_a_pure_policy() -> None:
     assert nsfw_hold_reason([0.1, 0.79], 0.8) is None
     assert nsfw_hold_reason([0.1, 0.8], 0.8) == "NSFW score 0.80 >= threshold 0.80"
     assert nsfw_hold_reason([0.95], 0.2) == "NSFW score 0.95 >= threshold 0.20"
+    # a classifier that returns nan (max() keeps a leading nan, and nan >= t is false) holds
+    for scores in ([float("nan"), 0.99], [0.1, float("nan")], [float("inf")]):
+        assert nsfw_hold_reason(scores, 0.8) is not None, scores
 
 
 @settings(max_examples=300, deadline=None)

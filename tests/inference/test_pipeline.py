@@ -225,6 +225,14 @@ def test_device_sampling_bundle_gives_the_host_samplers_codes(tiny_parts, tokeni
         np.testing.assert_array_equal(x, y)
     assert len(dev._graph_states) == 1 and not dev._graph_states[10].busy
 
+    # batch sizes whose buffers are kept are capped (least recently used goes): memory stays bounded
+    from inference.pipeline import MAX_GRAPH_SIZES
+
+    for n in range(1, MAX_GRAPH_SIZES + 3):
+        got = dev.generate_codes(["a red circle"], n, [3])
+        np.testing.assert_array_equal(got[0], pipe.generate_codes(["a red circle"], n, [3])[0])
+    assert sorted(dev._graph_states) == [2 * n for n in range(3, MAX_GRAPH_SIZES + 3)]
+
     dev.bundle.manifest["device_sampler"]["kmax"] = 5
     with pytest.raises(InferenceError, match=r"top_k must be 1\.\.5 \(got 6\)"):
         dev.generate_codes(["a red circle"], 1, [1], top_k=6)
@@ -240,3 +248,9 @@ def test_only_the_encoder_skips_weight_prepacking(pipe: Pipeline) -> None:
             return False
 
     assert [prepack_disabled(p) for p in ("encoder", "decoder", "vqgan")] == [True, False, False]
+
+
+def test_seeds_out_of_range_are_refused(pipe: Pipeline) -> None:
+    for bad in (-1, 2**63):
+        with pytest.raises(InferenceError, match=r"seeds must be between 0 and 2\*\*63 - 1"):
+            pipe.generate(["a red circle"], 1, [bad])
