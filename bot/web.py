@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, gen
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from bot.app import App
@@ -62,9 +62,13 @@ def create_web_app(app: App, *, clock: Callable[[], dt.datetime] = utcnow, **das
         })
 
     async def metrics(request: Request) -> Response:
-        counts = await asyncio.to_thread(app.queue.stats)
-        act = await asyncio.to_thread(activity, app.queue, clock())
-        switches = await asyncio.to_thread(dashboard.switches.all)
+        try:
+            counts = await asyncio.to_thread(app.queue.stats)
+            act = await asyncio.to_thread(activity, app.queue, clock())
+            switches = await asyncio.to_thread(dashboard.switches.all)
+        except StorageError:  # as /healthz: the scrape fails, the target shows as down
+            _log.warning("metrics: database unreachable", exc_info=True)
+            return PlainTextResponse("database unreachable\n", status_code=503)
         for status, n in counts.items():
             requests_g.labels(status=status).set(n)
         images_g.set(act["images_per_s"])

@@ -14,7 +14,10 @@ Login throttling
     Every attempt is stored in ``login_attempts``. :func:`login_wait` is the pure policy: after
     ``free_failures`` failures in a row for one name (or ``ip_free_failures`` from one address), the
     next attempt must wait ``base * 2**k`` seconds (capped) after the last failure; the password is not
-    even checked until then.
+    even checked until then. :meth:`Moderators.begin_attempt` checks the policy and records the attempt
+    as failed in one serialised transaction, before the (slow) password check; a right password then
+    marks it ok. So guesses sent in parallel are counted like guesses in a row, and no more of their
+    passwords are checked.
 
 Switches
     :class:`Switches` are named booleans (``intake_paused``, ``generation_paused``); every change is
@@ -201,20 +204,45 @@ class Moderators:
             n += 1
         return n, (rows[0].created_at if rows and not rows[0].ok else None)
 
-    def login_wait(self, name: str, ip: str) -> float:
-        """Seconds before ``name`` (from ``ip``) may try again; 0 means now."""
-        p, now = self.policy, self.clock()
-        with self.db.read.connect() as conn:
-            by_name = self._consecutive_failures(conn, LA.c.name, name[:64], now, p.free_failures + 32)
-            by_ip = self._consecutive_failures(conn, LA.c.ip, ip[:64], now, p.ip_free_failures + 32)
+    def _wait(self, conn: sa.Connection, name: str, ip: str, now: dt.datetime) -> float:
+        p = self.policy
+        by_name = self._consecutive_failures(conn, LA.c.name, name[:64], now, p.free_failures + 32)
+        by_ip = self._consecutive_failures(conn, LA.c.ip, ip[:64], now, p.ip_free_failures + 32)
         return max(
             login_wait(*by_name, now, free=p.free_failures, base=p.base_seconds, cap=p.max_seconds),
             login_wait(*by_ip, now, free=p.ip_free_failures, base=p.base_seconds, cap=p.max_seconds),
         )
 
-    def authenticate(self, name: str, password: str, *, ip: str) -> ModeratorRecord | None:
-        """Check a password (same cost for unknown names) and record the attempt. The caller checks
-        :meth:`login_wait` first."""
+    def login_wait(self, name: str, ip: str) -> float:
+        """Seconds before ``name`` (from ``ip``) may try again; 0 means now. A read only: a login
+        uses :meth:`begin_attempt`, which checks and counts in one step."""
+        with self.db.read.connect() as conn:
+            return self._wait(conn, name, ip, self.clock())
+
+    def begin_attempt(self, name: str, ip: str) -> tuple[float, int | None]:
+        """Check the throttling policy and, when ``name`` (from ``ip``) may try now, record the
+        attempt as failed before the password is checked: ``(0, attempt_id)``, to hand to
+        :meth:`authenticate`, which marks it ok for the right password. Otherwise ``(seconds to
+        wait, None)`` and nothing is recorded.
+
+        Check and record are one transaction that concurrent logins wait for (SQLite: ``BEGIN
+        IMMEDIATE``; PostgreSQL: an exclusive lock on ``login_attempts``, which reads do not wait
+        for), so attempts still being checked count as failures for the ones after them."""
+        now = self.clock()
+        with self.db.write.begin() as conn:
+            if not self.db.is_sqlite:
+                conn.execute(sa.text(f"LOCK TABLE {LA.name} IN EXCLUSIVE MODE"))
+            wait = self._wait(conn, name, ip, now)
+            if wait > 0:
+                return wait, None
+            attempt = conn.execute(insert(LA).values(name=name[:64], ip=ip[:64], ok=False, created_at=now)
+                                   .returning(LA.c.id)).scalar_one()
+        return 0.0, attempt
+
+    def authenticate(self, name: str, password: str, *, ip: str, attempt: int | None = None) -> ModeratorRecord | None:
+        """Check a password (same cost for unknown names). ``attempt`` is the id from
+        :meth:`begin_attempt` (recorded as failed; marked ok here for the right password); without
+        it the attempt is recorded here, and the caller must have checked :meth:`login_wait`."""
         from argon2.exceptions import InvalidHashError, VerificationError
 
         with self.db.read.connect() as conn:
@@ -231,7 +259,10 @@ class Moderators:
             ok = False
         now = self.clock()
         with self.db.write.begin() as conn:
-            conn.execute(insert(LA).values(name=name[:64], ip=ip[:64], ok=ok, created_at=now))
+            if attempt is None:
+                conn.execute(insert(LA).values(name=name[:64], ip=ip[:64], ok=ok, created_at=now))
+            elif ok:
+                conn.execute(update(LA).where(LA.c.id == attempt).values(ok=True))
             if not ok or row is None:
                 return None
             values: dict[str, Any] = {"last_login_at": now}

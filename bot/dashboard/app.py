@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.datastructures import FormData, QueryParams
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
@@ -44,6 +45,43 @@ PAGE_SIZE = 50
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 ACTION_TARGETS = {"approve": None, "reject": Status.REJECTED, "requeue": Status.QUEUED,
                   "cancel": Status.CANCELLED, "hold": Status.HELD}
+MAX_ID = 2**63 - 1  # request ids are BIGINTs: nothing larger can be in the database
+
+
+def parse_id(text: str) -> int | None:
+    """``text`` as a request id: ASCII digits meaning 1 to :data:`MAX_ID`, else None. (``str.isdigit``
+    is true for '²' and other digits ``int`` refuses; a larger number overflows the database.)"""
+    if not text.isascii() or not text.isdigit() or len(text.lstrip("0")) > len(str(MAX_ID)):
+        return None
+    n = int(text)
+    return n if 1 <= n <= MAX_ID else None
+
+
+class NumberConvertor(Convertor[int]):
+    """A path number of at most 19 ASCII digits (``{rid:num}``): a longer one matches no route
+    (404), where Starlette's ``int`` would let ``int()`` refuse 4301 digits with a 500. Handlers
+    check the range of ids (:data:`MAX_ID`) themselves."""
+
+    regex = "[0-9]{1,19}"
+
+    def convert(self, value: str) -> int:
+        return int(value)
+
+    def to_string(self, value: int) -> str:
+        return str(value)
+
+
+register_url_convertor("num", NumberConvertor())
+
+
+def nul_field(params: QueryParams, form: FormData | None) -> str | None:
+    """The name of the first query or form field with a NUL character in it (a password aside: it
+    is never stored), or None. PostgreSQL cannot store NUL in text; no sane input has one."""
+    fields = [*params.multi_items(), *(form.multi_items() if form is not None else [])]
+    for key, value in fields:
+        if "\x00" in key or (key != "password" and isinstance(value, str) and "\x00" in value):
+            return key.replace("\x00", "\\0")[:40]
+    return None
 
 
 @dataclass
@@ -123,6 +161,12 @@ class Dashboard:
                     return PlainTextResponse("Refused: the form's security token is missing or wrong. "
                                              "Reload the page and try again.", status_code=403)
                 visit.form = form
+            bad = nul_field(request.query_params, visit.form)
+            if bad is not None:
+                _log.warning("refused %s %s from %s: a NUL character in %r", request.method, request.url.path,
+                             auth.client_ip(request), bad)
+                return PlainTextResponse(f"Refused: the field {bad!r} contains a NUL character (\\0), which no "
+                                         "text here may contain.", status_code=400)
             response = await handler(request, visit)
             if visit.new_pre:
                 auth.set_cookie(response, request, auth.PRE_COOKIE, self.signer.sign(visit.new_pre), 3600)
@@ -168,14 +212,14 @@ class Dashboard:
         password = password if isinstance(password, str) else ""
         nxt = auth.local_path(visit.field("next", 1000))
         ip = auth.client_ip(request)
-        wait = await _run(self.mods.login_wait, name, ip)
+        wait, attempt = await _run(self.mods.begin_attempt, name, ip)  # counted before it is checked
         if wait > 0:
             _log.warning("dashboard login throttled from %s (retry in %.0fs)", ip, wait)
             return await self.render(
                 request, visit, "login.html", status=429, headers={"Retry-After": str(int(wait) + 1)},
                 next=nxt, login_name=name,
                 error=f"Too many failed attempts. Try again in {int(wait) + 1} seconds.")
-        mod = await _run(self.mods.authenticate, name, password, ip=ip)
+        mod = await _run(self.mods.authenticate, name, password, ip=ip, attempt=attempt)
         if mod is None:
             _log.warning("failed dashboard login from %s", ip)
             return await self.render(request, visit, "login.html", status=401, next=nxt, login_name=name,
@@ -224,8 +268,12 @@ class Dashboard:
                     times[key] = t.astimezone(dt.UTC).replace(tzinfo=None) if t.tzinfo else t
                 except ValueError:
                     errors.append(f"{key}: not a date and time (use YYYY-MM-DD HH:MM, UTC)")
+                except OverflowError:  # e.g. 0001-01-01T00:00+01:00 is before the year 1 in UTC
+                    errors.append(f"{key}: out of range (years 1 to 9999, UTC)")
         before = params.get("before") or ""
-        f["before"] = int(before) if before.isdigit() else None
+        f["before"] = parse_id(before)
+        if before and f["before"] is None:
+            errors.append(f"before: not a request id (a whole number from 1 to {MAX_ID})")
         f["_since"], f["_until"] = times["since"], times["until"]
         return f, errors
 
@@ -270,16 +318,19 @@ class Dashboard:
             next_page = {**keep, "before": window[0]}  # search the next (older) window
         counters = await _run(activity, self.app.queue, self.clock())
         return await self.render(
-            request, visit, "queue.html", rows=rows, more=more, filters=keep, errors=errors,
-            next_page=next_page, paged=f["before"] is not None, window=window,
+            request, visit, "queue.html", status=400 if errors else 200, rows=rows, more=more, filters=keep,
+            errors=errors, next_page=next_page, paged=f["before"] is not None, window=window,
             statuses=[s.value for s in Status], platforms=sorted({"local", "x", "discord", *self.app.platforms}),
             counters=counters, refresh_ms=self.refresh_ms, has_local="local" in self.app.platforms,
             max_images=self.app.settings.queue.max_images, default_images=self.app.settings.queue.default_images)
 
     async def held_page(self, request: Request, visit: Visit) -> Response:
+        before = request.query_params.get("before") or ""
         f = {"status": [Status.HELD.value], "platform": "", "user": "", "q": "", "_since": None,
-             "_until": None, "before": request.query_params.get("before")}
-        f["before"] = int(f["before"]) if f["before"] and f["before"].isdigit() else None
+             "_until": None, "before": parse_id(before)}
+        if before and f["before"] is None:
+            return await self.render(request, visit, "error.html", status=400, title="Bad request",
+                                     message=f"before: not a request id (a whole number from 1 to {MAX_ID}).")
         rows, more = await self._list(f)
         return await self.render(request, visit, "held.html", rows=rows, more=more,
                                  next_before=rows[-1].id if more else None)
@@ -289,6 +340,8 @@ class Dashboard:
     async def request_page(self, request: Request, visit: Visit) -> Response:
         rid = request.path_params["rid"]
         try:
+            if rid > MAX_ID:
+                raise NotFound(rid)
             rec = await _run(self.app.queue.get, rid)
         except NotFound:
             return await self.render(request, visit, "error.html", status=404, message=f"No request {rid}.")
@@ -318,7 +371,10 @@ class Dashboard:
             return await self.back(visit, here, "Give a reason to reject a request (the requester sees it).",
                                    error=True)
         try:
-            rec = await _run(moderation.act, self.app.queue, action, rid, actor=visit.actor, reason=reason)
+            if rid > MAX_ID:
+                raise NotFound(f"no request with id {rid}")
+            rec = await _run(moderation.act, self.app.queue, action, rid, actor=visit.actor, reason=reason,
+                             platforms=self.app.platforms)  # a rejection tells the requester at once
         except (IllegalTransition, NotFound) as exc:
             return await self.back(visit, here, str(exc), error=True)
         _log.info("moderator action %s", action, extra={"request_id": rid, "action": action})
@@ -327,6 +383,8 @@ class Dashboard:
     async def image(self, request: Request, visit: Visit) -> Response:
         rid, n = request.path_params["rid"], request.path_params["n"]
         try:
+            if rid > MAX_ID:
+                raise NotFound(rid)
             rec = await _run(self.app.queue.get, rid)
         except NotFound:
             return PlainTextResponse("Not Found", status_code=404)
@@ -376,7 +434,7 @@ class Dashboard:
             return await self.back(visit, "/", "The local platform is disabled ([local] enabled = false).",
                                    error=True)
         n_text = visit.field("n", 4)
-        n = int(n_text) if n_text.isdigit() else qc.default_images
+        n = (parse_id(n_text) or 0) if n_text else qc.default_images
         if not 1 <= n <= qc.max_images:
             return await self.back(visit, "/", f"Ask for 1 to {qc.max_images} images.", error=True)
         name = visit.session.moderator.name
@@ -404,9 +462,9 @@ class Dashboard:
             Route("/logout", g(self.logout), methods=["POST"]),
             Route("/", g(self.queue_page), methods=["GET"]),
             Route("/held", g(self.held_page), methods=["GET"]),
-            Route("/requests/{rid:int}", g(self.request_page), methods=["GET"]),
-            Route("/requests/{rid:int}/act", g(self.act), methods=["POST"]),
-            Route("/requests/{rid:int}/images/{n:int}", g(self.image), methods=["GET"]),
+            Route("/requests/{rid:num}", g(self.request_page), methods=["GET"]),
+            Route("/requests/{rid:num}/act", g(self.act), methods=["POST"]),
+            Route("/requests/{rid:num}/images/{n:num}", g(self.image), methods=["GET"]),
             Route("/users/{action:str}", g(self.user_action), methods=["POST"]),
             Route("/switches", g(self.set_switch), methods=["POST"]),
             Route("/submit", g(self.submit), methods=["POST"]),

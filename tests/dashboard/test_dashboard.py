@@ -5,8 +5,10 @@ pause switches as the worker and intake see them, the prompt box and the live co
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -90,12 +92,32 @@ def test_moderator_actions_are_audited_with_the_name(app: App, logged_in: TestCl
     act(held.id, "cancel", "duplicate")
     assert "Unknown action" in act(held.id, "delete")
     trail = [(a.action, a.actor, a.reason) for a in app.queue.audit(held.id)][3:]
-    assert trail == [("rejected", "moderator:alice", "not appropriate"), ("requeued", "moderator:alice", "second look"),
+    assert trail == [("rejected", "moderator:alice", "not appropriate"),
+                     ("refusal_posted", "moderator:alice", f"local-refusal-{held.id}"),  # the requester was told
+                     ("requeued", "moderator:alice", "second look"),
                      ("held", "moderator:alice", "checking"), ("cancelled", "moderator:alice", "duplicate")]
     r = logged_in.get("/requests/424242")
     assert r.status_code == 404 and "No request 424242" in r.text
     assert logged_in.post("/requests/424242/act", data={"action": "cancel", "csrf_token": token}).status_code == 303
     assert "no request with id 424242" in logged_in.get("/requests/424242").text  # the flash message
+
+
+def test_a_rejection_from_the_dashboard_tells_the_requester(app: App, logged_in: TestClient) -> None:
+    held = make_held(app, user="bob")
+    token = csrf_of(logged_in.get(f"/requests/{held.id}").text)
+    r = logged_in.post(f"/requests/{held.id}/act",
+                       data={"action": "reject", "reason": "Not this one, sorry.", "csrf_token": token})
+    assert r.status_code == 303 and app.queue.get(held.id).status.value == "rejected"
+    refusal = json.loads((Path(app.settings.outbox_dir) / str(held.id) / "refusal.json").read_text())
+    assert (refusal["user"], refusal["refusal"]) == ("local:bob", "Not this one, sorry.")
+    trail = [(a.action, a.actor, a.reason) for a in app.queue.audit(held.id)]
+    assert trail[-2:] == [("rejected", "moderator:alice", "Not this one, sorry."),
+                          ("refusal_posted", "moderator:alice", f"local-refusal-{held.id}")]
+    assert "refusal_posted" in logged_in.get(f"/requests/{held.id}").text  # in the audit trail on the page
+    # other actions tell nobody
+    other = app.local.submit(app.queue, "a blue square", user="bob").request
+    logged_in.post(f"/requests/{other.id}/act", data={"action": "cancel", "reason": "dup", "csrf_token": token})
+    assert not (Path(app.settings.outbox_dir) / str(other.id)).exists()
 
 
 def test_ban_and_unban_with_a_note(app: App, logged_in: TestClient) -> None:
