@@ -304,13 +304,23 @@ def worker(c: Ctx, drain: bool, batch_size: int | None, max_wait: float) -> None
 @click.option("--role", type=click.Choice(["all", "intake", "worker"]), default="all", show_default=True)
 @pass_ctx
 def serve(c: Ctx, host: str | None, port: int | None, role: str) -> None:
-    """Run the bot: scheduler (worker, platforms) and the dashboard."""
-    from bot.service import run_service
+    """Run the bot: scheduler (worker, platforms) and the dashboard.
+
+    \b
+    --role all     intake, worker and the dashboard (with /healthz and /metrics)
+    --role intake  the platforms' intake and the dashboard (with /healthz and /metrics)
+    --role worker  generate and deliver; listens for /healthz and /metrics only
+    """
+    from bot.service import ServiceError, run_service
 
     c.service = True
-    roles = ("intake", "worker", "web") if role == "all" else ((role, "web") if role == "intake" else (role,))
+    roles = {"all": ("intake", "worker", "web"), "intake": ("intake", "web"), "worker": ("worker", "metrics")}[role]
     with c.app() as app:
-        run_service(app, roles=roles, host=host or app.settings.server.host, port=port or app.settings.server.port)
+        try:
+            run_service(app, roles=roles, host=host or app.settings.server.host,
+                        port=port or app.settings.server.port)
+        except ServiceError as exc:
+            raise click.ClickException(str(exc)) from None
 
 
 @cli.group()

@@ -290,6 +290,10 @@ def _build_section(cls: type, raw: dict[str, Any], section: str, source: str, en
             var = f"DALLEBOT_{section.upper()}_{f.name.upper()}"
             if env.get(var):
                 kwargs[f.name] = env[var]
+            if isinstance(kwargs.get(f.name), str):
+                # A secret read from a file (a mounted secret, an env file) often ends in a newline:
+                # never part of the secret, and it would not be scrubbed from logs in escaped form.
+                kwargs[f.name] = kwargs[f.name].strip()
     return cls(**kwargs)
 
 
@@ -324,7 +328,7 @@ def load_settings(path: str | os.PathLike[str] | None = None, *, env: dict[str, 
         settings = dataclasses.replace(settings, data=dataclasses.replace(settings.data, dir=env[ENV_DATA_DIR]))
     if env.get(ENV_DATABASE_URL):
         settings = dataclasses.replace(
-            settings, database=dataclasses.replace(settings.database, url=env[ENV_DATABASE_URL])
+            settings, database=dataclasses.replace(settings.database, url=env[ENV_DATABASE_URL].strip())
         )
     _validate(settings)
     return settings

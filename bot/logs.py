@@ -1,7 +1,9 @@
 """Logging set-up, done once by the entry point. Modules only call ``logging.getLogger(__name__)``.
 
 Every record may carry ``extra={"request_id": ..., "action": ...}``; both formats print them. A filter
-replaces configured secrets with ``***`` in every message, so they never reach a log line.
+replaces configured secrets with ``***`` in every message, traceback and stack, so they never reach a
+log line: each secret as given, without surrounding whitespace, and as ``repr()`` and JSON escape it
+(an error message often quotes a header value, e.g. ``'Bearer abc\\n'``).
 """
 
 from __future__ import annotations
@@ -36,13 +38,33 @@ class _Context(logging.Filter):
         return True
 
 
+def _forms(secret: str) -> set[str]:
+    """The ways a secret shows up in text: as is, stripped, and escaped by repr() and JSON."""
+    out = set()
+    for v in (secret, secret.strip()):
+        if v:
+            out |= {v, repr(v)[1:-1], json.dumps(v, ensure_ascii=False)[1:-1], json.dumps(v)[1:-1]}
+    return out
+
+
+def scrub(text: str) -> str:
+    """``text`` with every configured secret replaced by ``***``."""
+    for s in _SECRETS:
+        if s in text:
+            text = text.replace(s, "***")
+    return text
+
+
 class _Scrub(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if _SECRETS:
-            msg = record.getMessage()
-            for s in _SECRETS:
-                msg = msg.replace(s, "***")
-            record.msg, record.args = msg, None
+            record.msg, record.args = scrub(record.getMessage()), None
+            if record.exc_info and not record.exc_text:  # formatted once here, then used by formatters
+                record.exc_text = logging.Formatter().formatException(record.exc_info)
+            if record.exc_text:
+                record.exc_text = scrub(record.exc_text)
+            if record.stack_info:
+                record.stack_info = scrub(record.stack_info)
         return True
 
 
@@ -50,7 +72,7 @@ class _Text(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         base = super().format(record)
         rid = getattr(record, "request_id", None)
-        return f"{base} [request {rid}]" if rid is not None else base
+        return scrub(f"{base} [request {rid}]" if rid is not None else base)
 
 
 class _Json(logging.Formatter):
@@ -59,19 +81,24 @@ class _Json(logging.Formatter):
             "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
             "level": record.levelname,
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": scrub(record.getMessage()),
         }
         for key in ("request_id", "action", "worker"):
             if hasattr(record, key):
                 out[key] = getattr(record, key)
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            out["exc"] = scrub(record.exc_text)
+        if record.stack_info:
+            out["stack"] = scrub(self.formatStack(record.stack_info))
         return json.dumps(out, ensure_ascii=False)
 
 
 def setup_logging(level: str | None = None, fmt: str = "text", secrets: Iterable[str] = ()) -> None:
     """Configure the root logger (idempotent). ``level=None`` means WARNING."""
-    _SECRETS[:] = [s for s in secrets if s]
+    # longest first, so that no shorter form replaces part of a longer one
+    _SECRETS[:] = sorted({form for s in secrets if s for form in _forms(s)}, key=len, reverse=True)
     root = logging.getLogger()
     for h in list(root.handlers):
         if getattr(h, "_dallebot", False):
