@@ -11,20 +11,26 @@ Layout::
       *.onnx.data          ONNX external data, when a graph has any (large models)
       enwiki-words-frequency.txt   optional: dalle-mini's hashtag splitter word list
 
-The runtime refuses a bundle whose manifest is missing, malformed or inconsistent, or whose files
-are missing or differ from the manifest's sha256. This module imports no torch.
+The runtime refuses a bundle whose manifest is missing, malformed (a wrong type or value is named
+by its field) or inconsistent, whose files are missing or differ from the manifest's sha256, or
+whose graphs use external data files the manifest does not list. This module imports no torch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
+import mmap
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 from .config import ModelConfig, VQGANConfig
 from .errors import BundleError
+from .sampling import SamplingParams
 
 MANIFEST = "manifest.json"
 FORMAT = "dallebot-bundle"
@@ -132,7 +138,7 @@ class Bundle:
             raise BundleError(f"{mpath} is not valid JSON ({e}); re-export the bundle") from None
         try:
             model, vqgan, sampling = _check_manifest(manifest)
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as e:
             raise BundleError(f"{mpath} is malformed ({type(e).__name__}: {e}); re-export the bundle") from None
         for name, info in manifest["files"].items():
             p = root / name
@@ -144,41 +150,141 @@ class Bundle:
             if verify and sha256_file(p) != info["sha256"]:
                 raise BundleError(f"bundle file {p} does not match its sha256 in {MANIFEST}: "
                                   "the file is corrupt or was replaced; re-copy or re-export the bundle")
+        for graph in GRAPHS.values():
+            # weights in external data files are only size- and hash-checked when the manifest lists them
+            for data in sorted(external_data_files(root / graph)):
+                if data not in manifest["files"]:
+                    raise BundleError(f"{graph} keeps its weights in {data}, which {mpath} does not list under "
+                                      "files (so they would go unchecked); re-export the bundle")
         return cls(root, manifest, model, vqgan, sampling)
+
+
+_LOCATION = re.compile(rb"\x0a\x08location\x12")   # StringStringEntryProto {key: "location", value: ...}
+
+
+def _varint(buf: "mmap.mmap | bytes", at: int) -> tuple[int, int]:
+    value = shift = 0
+    while at < len(buf) and shift < 64:
+        byte = buf[at]
+        value |= (byte & 0x7F) << shift
+        at += 1
+        if not byte & 0x80:
+            return value, at
+        shift += 7
+    raise ValueError("truncated varint")
+
+
+def external_data_files(graph: Path) -> set[str]:
+    """Files holding an ONNX graph's external data: ``GRAPH.data`` when it lies beside the graph, and
+    every ``location`` the graph's tensors name (read from the protobuf bytes; onnx is not needed)."""
+    found = {graph.name + ".data"} if graph.with_name(graph.name + ".data").exists() else set()
+    try:
+        with open(graph, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            for m in _LOCATION.finditer(buf):
+                try:
+                    n, start = _varint(buf, m.end())
+                except ValueError:
+                    continue
+                name = bytes(buf[start:start + n]).decode("utf-8", "replace")
+                if name:
+                    found.add(name)
+    except (OSError, ValueError):      # an empty or unreadable graph: onnxruntime reports it on load
+        pass
+    return found
 
 
 def _looks_like_checkpoint(root: Path) -> bool:
     return any((root / f).exists() for f in ("flax_model.msgpack", "config.json", "encoder.pt", "detoker.pt"))
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _section(m: dict[str, Any], key: str) -> dict[str, Any]:
+    value = m[key]
+    if not isinstance(value, dict):
+        raise TypeError(f"{key} must be an object, not {type(value).__name__}")
+    return value
+
+
+def _check_config_types(section: str, d: dict[str, Any], cls: type) -> None:
+    """Every field of a config section has its default's type: whole numbers >= 0 for ints, finite
+    numbers for floats, lists of whole numbers for tuples."""
+    for f in dataclasses.fields(cls):
+        if f.name not in d:
+            continue
+        v, default = d[f.name], f.default
+        if isinstance(default, int) and not (_is_int(v) and v >= 0):
+            raise ValueError(f"{section}.{f.name} must be a whole number >= 0 (got {v!r})")
+        if isinstance(default, float) and not _is_number(v):
+            raise ValueError(f"{section}.{f.name} must be a finite number (got {v!r})")
+        if isinstance(default, tuple) and not (isinstance(v, list) and all(_is_int(x) and x >= 0 for x in v)):
+            raise ValueError(f"{section}.{f.name} must be a list of whole numbers (got {v!r})")
+
+
+def _check_sampling(d: dict[str, Any]) -> SamplingDefaults:
+    names = [f.name for f in dataclasses.fields(SamplingDefaults)]
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        raise ValueError(f"unknown sampling settings {unknown}")
+    for name in names:
+        if name not in d:
+            continue
+        v = d[name]
+        if name == "top_k" and not _is_int(v):
+            raise ValueError(f"sampling.top_k must be a whole number (got {v!r})")
+        if not _is_number(v):
+            raise ValueError(f"sampling.{name} must be a finite number (got {v!r})")
+    sampling = SamplingDefaults(**d)
+    try:
+        SamplingParams(**sampling.to_dict())
+    except ValueError as e:
+        raise ValueError(f"sampling: {e}") from None
+    return sampling
+
+
 def _check_manifest(m: dict[str, Any]) -> tuple[ModelConfig, VQGANConfig, SamplingDefaults]:
+    if not isinstance(m, dict):
+        raise TypeError(f"the manifest must be a JSON object, not {type(m).__name__}")
     if m.get("format") != FORMAT:
         raise ValueError(f"format is {m.get('format')!r}, expected {FORMAT!r}")
     if m.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"format_version {m.get('format_version')!r} is not supported (expected {FORMAT_VERSION})")
-    if m["dtype"] not in DTYPES:
+    if not (isinstance(m["name"], str) and m["name"].strip()):
+        raise ValueError(f"name must be a non-empty string (got {m['name']!r})")
+    if not (isinstance(m["dtype"], str) and m["dtype"] in DTYPES):
         raise ValueError(f"dtype {m['dtype']!r} not in {DTYPES}")
+    if not isinstance(m.get("random_weights", False), bool):
+        raise ValueError(f"random_weights must be true or false (got {m['random_weights']!r})")
+    _check_config_types("model", _section(m, "model"), ModelConfig)
+    _check_config_types("vqgan", _section(m, "vqgan"), VQGANConfig)
     model = ModelConfig.from_dict(m["model"])
     vqgan = VQGANConfig.from_dict(m["vqgan"])
-    sampling = SamplingDefaults(**m["sampling"])
+    sampling = _check_sampling(_section(m, "sampling"))
     if vqgan.token_grid != model.image_grid:
         raise ValueError(f"VQGAN token grid {vqgan.token_grid} != decoder image grid {model.image_grid}")
     if model.num_codes > vqgan.n_embed:
         raise ValueError(f"num_codes {model.num_codes} exceeds the VQGAN codebook ({vqgan.n_embed})")
     ds = m.get("device_sampler")
-    if ds is not None and not (isinstance(ds, dict) and isinstance(ds.get("kmax"), int) and ds["kmax"] >= 1):
+    if ds is not None and not (isinstance(ds, dict) and _is_int(ds.get("kmax")) and ds["kmax"] >= 1):
         raise ValueError("device_sampler must be {\"kmax\": a positive integer}")
     if m["image"] != image_fields(model, vqgan) or m["special_tokens"] != special_token_fields(model):
         raise ValueError("image/special_tokens sections disagree with the model config")
-    files = m["files"]
+    files = _section(m, "files")
     for required in [*GRAPHS.values(), *TOKENIZER_FILES.values()]:
         if required not in files:
             raise ValueError(f"files does not list {required}")
     for name, info in files.items():
         if "/" in name or "\\" in name or name.startswith("."):
             raise ValueError(f"file name {name!r} is not a plain file name")
-        if not (isinstance(info.get("sha256"), str) and isinstance(info.get("bytes"), int)):
-            raise ValueError(f"files[{name!r}] needs sha256 and bytes")
+        if not (isinstance(info, dict) and isinstance(info.get("sha256"), str) and _is_int(info.get("bytes"))
+                and info["bytes"] >= 0):
+            raise ValueError(f"files[{name!r}] must be an object with sha256 (text) and bytes (a whole number)")
     return model, vqgan, sampling
 
 

@@ -7,16 +7,35 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import click
 
-from .errors import InferenceError
+from .errors import InferenceError, PromptError
 
 DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16", "int8": "int8"}
+MAX_SEED = 2**63 - 1
+SEED = click.IntRange(0, MAX_SEED)     # seeds are stored as signed 64-bit integers
+
+
+class FiniteFloat(click.ParamType):
+    """A float that is not nan or inf (click's float type accepts both)."""
+
+    name = "float"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        rv = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
+
+
+FINITE_FLOAT = FiniteFloat()
 
 
 def _setup_logging() -> None:
@@ -63,10 +82,10 @@ def export_cmd(source: Path | None, out: Path, vqgan: Path | None, dtype: str, c
             raise click.UsageError("--from DIR is required (or --random-weights mini|mega)")
         from .convert import load_checkpoint
 
-        ckpt = load_checkpoint(source, vqgan, progress=lambda m: click.echo(m, err=True))
-        bundle = ex.export_bundle(ckpt.parts, ckpt.tokenizer_dir, out, name=name or ckpt.name, dtype=dt, cache=cache,
-                                  provenance=ckpt.provenance, license=ckpt.license, overwrite=overwrite,
-                                  description=f"converted from {ckpt.source_format}")
+        with load_checkpoint(source, vqgan, progress=lambda m: click.echo(m, err=True)) as ckpt:
+            bundle = ex.export_bundle(ckpt.parts, ckpt.tokenizer_dir, out, name=name or ckpt.name, dtype=dt,
+                                      cache=cache, provenance=ckpt.provenance, license=ckpt.license,
+                                      overwrite=overwrite, description=f"converted from {ckpt.source_format}")
     report = bundle.manifest.get("provenance", {}).get("int8_report")
     if report:
         click.echo(f"int8 vs fp32 decoder step: max |logit diff| {report['max_abs_logit_diff']:.4g}, "
@@ -74,29 +93,70 @@ def export_cmd(source: Path | None, out: Path, vqgan: Path | None, dtype: str, c
     click.echo(f"wrote {out} ({bundle.name}, {bundle.dtype})")
 
 
-def _read_prompts(path: Path) -> list[str]:
+def _read_prompts(path: Path) -> tuple[list[tuple[int, str]], int]:
+    """Non-blank lines of a prompts file as (line index from 0, text), and how many were blank."""
     try:
-        return path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise InferenceError(f"cannot read prompts file {path} ({e})") from None
+    prompts = [(i, line) for i, line in enumerate(lines) if line.strip()]
+    return prompts, len(lines) - len(prompts)
+
+
+def _why(e: OSError) -> str:
+    return e.strerror or type(e).__name__
+
+
+def _check_out_file(out: Path) -> None:
+    """--out: a PNG file in an existing folder (the folder is not created: a typo fails here, before
+    the model loads, not after generating)."""
+    parent = out.parent if str(out.parent) else Path(".")
+    if out.is_dir():
+        raise InferenceError(f"--out {out} is a folder; give a file name, e.g. {out / 'out.png'}")
+    if not parent.is_dir():
+        what = "is not a folder" if parent.exists() else "does not exist"
+        raise InferenceError(f"cannot write --out {out}: the folder {parent} {what} (it is not created; make it first)")
+    if not os.access(parent, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise InferenceError(f"cannot write --out {out}: permission denied")
+
+
+def _make_out_dir(out_dir: Path) -> None:
+    """--out-dir: created with its parents when missing."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise InferenceError(f"cannot use --out-dir {out_dir}: it exists and is not a folder") from None
+    except OSError as e:
+        raise InferenceError(f"cannot create --out-dir {out_dir} ({_why(e)})") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise InferenceError(f"cannot write into --out-dir {out_dir}: permission denied")
+
+
+def _write(path: Path, data: bytes) -> None:
+    try:
+        path.write_bytes(data)
+    except OSError as e:
+        raise InferenceError(f"cannot write {path} ({_why(e)})") from None
 
 
 @click.command("generate")
 @click.argument("prompt", required=False)
-@click.option("--prompts-file", type=click.Path(path_type=Path), help="One prompt per line; writes OUT_DIR/<line>.png.")
-@click.option("--out-dir", type=click.Path(path_type=Path), help="Output folder for --prompts-file.")
+@click.option("--prompts-file", type=click.Path(path_type=Path),
+              help="One prompt per line; writes OUT_DIR/<line>.png (lines numbered from 0; blank lines are skipped).")
+@click.option("--out-dir", type=click.Path(path_type=Path), help="Output folder for --prompts-file (created if missing).")
 @click.option("--n", "n_images", type=click.IntRange(1, 64), default=1, show_default=True, help="Images per prompt (tiled as a grid).")
-@click.option("--seed", type=int, help="Seed: same seed, same image (default: random, printed).")
+@click.option("--seed", type=SEED, help="Seed: same seed, same image (default: random, printed).")
 @click.option("--model", "model", type=click.Path(path_type=Path), envvar="DALLEBOT_MODEL", help="Bundle folder [env DALLEBOT_MODEL; default: the shipped shapes model].")
-@click.option("--out", "out", type=click.Path(path_type=Path), default=Path("out.png"), show_default=True)
+@click.option("--out", "out", type=click.Path(path_type=Path), default=Path("out.png"), show_default=True,
+              help="PNG file to write; its folder must exist.")
 @click.option("--batch", type=click.IntRange(1, 256), default=8, show_default=True, help="Prompts per decoder run (--prompts-file).")
 @click.option("--upscale", type=click.IntRange(0, 4096), default=0, help="Scale the output's longer side to this many px.")
 @click.option("--threads", type=click.IntRange(0, 256), default=0, help="onnxruntime threads (0 = all cores).")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--condition-scale", type=float)
+@click.option("--condition-scale", type=FINITE_FLOAT)
 @click.option("--top-k", type=click.IntRange(0, None))
-@click.option("--top-p", type=float)
-@click.option("--temperature", type=float)
+@click.option("--top-p", type=FINITE_FLOAT)
+@click.option("--temperature", type=FINITE_FLOAT)
 def generate_cmd(prompt: str | None, prompts_file: Path | None, out_dir: Path | None, n_images: int, seed: int | None,
                  model: Path | None, out: Path, batch: int, upscale: int, threads: int, provider: str,
                  condition_scale: float | None, top_k: int | None, top_p: float | None, temperature: float | None) -> None:
@@ -118,31 +178,52 @@ def generate_cmd(prompt: str | None, prompts_file: Path | None, out_dir: Path | 
         if not (SHAPES_BUNDLE / "manifest.json").exists():
             raise click.UsageError("no model: pass --model BUNDLE or set DALLEBOT_MODEL")
         model = SHAPES_BUNDLE
-    prompts = [prompt] if prompt is not None else _read_prompts(prompts_file)
-    if not prompts:
-        raise InferenceError(f"{prompts_file} holds no prompts")
+    if prompts_file is None:
+        items, blank = [(0, prompt)], 0
+    else:
+        items, blank = _read_prompts(prompts_file)
+        if not items:
+            raise InferenceError(f"{prompts_file} holds no prompts")
+        if blank:
+            click.echo(f"skipped {blank} blank line{'s' if blank != 1 else ''} of {prompts_file}", err=True)
+    # where the images go is checked before the model loads and anything is generated
+    if out_dir is not None and prompts_file is not None:
+        _make_out_dir(out_dir)
+    else:
+        _check_out_file(out)
     pipe = Pipeline.load(model, threads=threads, provider=provider)
     if pipe.bundle.random_weights:
         click.echo(f"warning: {model} has random weights (benchmark bundle): images are noise", err=True)
-    # check every prompt before the long run (empty prompts fail here, long ones warn)
-    pipe.prepare(prompts)
     sampling = dict(condition_scale=condition_scale, top_k=top_k, top_p=top_p, temperature=temperature)
+    pipe.sampling_params(**sampling)          # bad settings fail here, not after the first batch
+    prompts = [text for _, text in items]
+    # check every prompt before the long run (empty prompts fail here, long ones warn)
+    try:
+        pipe.prepare(prompts)
+    except PromptError:
+        if prompts_file is None:
+            raise
+        for line, text in items:             # name the line, as the output files are named
+            try:
+                pipe.prepare([text])
+            except PromptError as e:
+                raise PromptError(f"{prompts_file} line {line + 1} ({line}.png): "
+                                  f"{str(e).replace('prompt 0 ', 'prompt ', 1)}") from None
+        raise
     seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little") >> 1
-    if out_dir:
-        out_dir.mkdir(parents=True, exist_ok=True)
     steps = pipe.config.image_length
     with tqdm(total=len(prompts) * steps, unit="step", desc="generating", file=sys.stderr, mininterval=0.5) as bar:
-        for start in range(0, len(prompts), batch):
-            chunk = prompts[start:start + batch]
+        for start in range(0, len(items), batch):
+            chunk = items[start:start + batch]
             done = bar.n
-            images = pipe.generate(chunk, n_images, [seed] * len(chunk),
+            images = pipe.generate([text for _, text in chunk], n_images, [seed] * len(chunk),
                                    progress=lambda t, _n: bar.update(done + t * len(chunk) - bar.n), **sampling)
-            for i, ims in enumerate(images):
+            for (line, _), ims in zip(chunk, images):
                 im = make_grid(ims)
                 if upscale:
                     im = upscale_image(im, upscale)
-                path = out if prompts_file is None else out_dir / f"{start + i}.png"
-                path.write_bytes(png_bytes(im))
+                path = out if prompts_file is None else out_dir / f"{line}.png"
+                _write(path, png_bytes(im))
     click.echo(f"seed {seed}: wrote {out if prompts_file is None else out_dir}")
 
 

@@ -13,6 +13,10 @@ Flax msgpack files are read with ``msgpack`` + ``numpy`` (no flax): leaves are E
 [shape, dtype name, bytes]) or 3 (numpy scalar), large arrays may be chunked. Stacked (``use_scan``)
 and unstacked layer trees are both accepted. Every parameter is checked against the config: a
 missing, unexpected or wrongly shaped parameter is a ``CheckpointError`` naming it and its file.
+
+The VQGAN is ``--vqgan`` or the one ``vqgan*`` folder inside or beside the model folder (several are
+an error: the choice must be explicit). Its codebook must hold every code the model samples (the
+rows below the start token, 16384 for DALL·E Mini and Mega); a smaller one is refused.
 """
 
 from __future__ import annotations
@@ -250,25 +254,51 @@ def _from_state_dict(module: nn.Module, sd: dict[str, torch.Tensor], file: Path,
     return module.eval()
 
 
-def infer_model_config(enc: dict[str, torch.Tensor], dec: dict[str, torch.Tensor], num_codes: int,
-                       head_dim: int = 64) -> ModelConfig:
-    """Dimensions from tensor shapes (min-dalle folders without config.json)."""
-    def layers(sd: dict[str, torch.Tensor]) -> int:
-        return 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"layers\.(\d+)\.", k)))
+PUBLISHED_CODES = 16384   # codes of vqgan_imagenet_f16_16384, and the start token of DALL·E Mini and Mega
 
-    d = enc["embed_tokens.weight"].shape[1]
-    rows = dec["embed_tokens.weight"].shape[0]
-    n = dec["embed_positions.weight"].shape[0]
+
+def _matrix(sd: dict[str, torch.Tensor], key: str, file: Path) -> torch.Tensor:
+    value = sd.get(key)
+    if value is None:
+        raise CheckpointError(f"parameter {key} is missing from {file}: cannot infer the model's dimensions "
+                              "(is it a min-dalle encoder/decoder .pt file? add its config.json beside it otherwise)")
+    if not (isinstance(value, torch.Tensor) and value.ndim == 2):
+        raise CheckpointError(f"parameter {key} in {file} has shape {tuple(getattr(value, 'shape', ()))}, expected a matrix")
+    return value
+
+
+def _layer_count(sd: dict[str, torch.Tensor], file: Path) -> int:
+    ids = [int(m.group(1)) for k in sd if (m := re.match(r"layers\.(\d+)\.", k))]
+    if not ids:
+        raise CheckpointError(f"{file} has no layers.N.* parameters: cannot infer the number of layers "
+                              "(is it a min-dalle encoder/decoder .pt file?)")
+    return 1 + max(ids)
+
+
+def infer_model_config(enc: dict[str, torch.Tensor], dec: dict[str, torch.Tensor],
+                       enc_file: Path = Path("encoder.pt"), dec_file: Path = Path("decoder.pt"),
+                       head_dim: int = 64) -> ModelConfig:
+    """Dimensions from tensor shapes (min-dalle folders without config.json). The start token is the
+    published one: ``min(image_vocab_size, 16384)`` (DALL·E Mini: 16384 = image_vocab_size; Mega:
+    16384, below its padded vocabulary), and the codes are the rows below it."""
+    d = _matrix(enc, "embed_tokens.weight", enc_file).shape[1]
+    rows = _matrix(dec, "embed_tokens.weight", dec_file).shape[0]
+    n = _matrix(dec, "embed_positions.weight", dec_file).shape[0]
     ivs = rows - 1
-    codes = min(num_codes, ivs)
-    return ModelConfig(
-        d_model=d, encoder_layers=layers(enc), decoder_layers=layers(dec),
-        encoder_heads=d // head_dim, decoder_heads=d // head_dim,
-        encoder_ffn_dim=enc["layers.0.glu.fc0.weight"].shape[0], decoder_ffn_dim=dec["layers.0.glu.fc0.weight"].shape[0],
-        text_vocab_size=enc["embed_tokens.weight"].shape[0], image_vocab_size=ivs,
-        text_length=enc["embed_positions.weight"].shape[0], image_grid=int(round(n ** 0.5)),
-        num_codes=codes, decoder_start_token_id=codes,
-    )
+    start = min(ivs, PUBLISHED_CODES)
+    try:
+        return ModelConfig(
+            d_model=d, encoder_layers=_layer_count(enc, enc_file), decoder_layers=_layer_count(dec, dec_file),
+            encoder_heads=d // head_dim, decoder_heads=d // head_dim,
+            encoder_ffn_dim=_matrix(enc, "layers.0.glu.fc0.weight", enc_file).shape[0],
+            decoder_ffn_dim=_matrix(dec, "layers.0.glu.fc0.weight", dec_file).shape[0],
+            text_vocab_size=_matrix(enc, "embed_tokens.weight", enc_file).shape[0], image_vocab_size=ivs,
+            text_length=_matrix(enc, "embed_positions.weight", enc_file).shape[0], image_grid=int(round(n ** 0.5)),
+            num_codes=start, decoder_start_token_id=start,
+        )
+    except (ValueError, ArithmeticError) as e:
+        raise CheckpointError(f"the shapes in {enc_file} and {dec_file} make no DalleBart model ({e}); "
+                              "add the model's config.json beside them") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -276,7 +306,9 @@ def infer_model_config(enc: dict[str, torch.Tensor], dec: dict[str, torch.Tensor
 
 @dataclass
 class Checkpoint:
-    """A converted checkpoint, ready for ``export_bundle``."""
+    """A converted checkpoint, ready for ``export_bundle``. Use it as a context manager (or call
+    ``cleanup``): min-dalle's tokenizer files are copied under the standard names into a temporary
+    folder that must be removed afterwards."""
 
     parts: ModelParts
     tokenizer_dir: Path
@@ -284,6 +316,18 @@ class Checkpoint:
     source_format: str
     provenance: dict[str, Any]
     license: str
+    temp_dirs: list[Path] = dataclasses.field(default_factory=list)
+
+    def cleanup(self) -> None:
+        for d in self.temp_dirs:
+            shutil.rmtree(d, ignore_errors=True)
+        self.temp_dirs.clear()
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -311,9 +355,19 @@ def _is_vqgan_folder(p: Path) -> bool:
 
 
 def find_vqgan(folder: Path) -> Path | None:
-    """The VQGAN folder next to or inside a model folder (vqgan*, ../vqgan*, min-dalle's ../vqgan)."""
-    candidates = [folder, *sorted(folder.glob("vqgan*")), *sorted(folder.parent.glob("vqgan*"))]
-    return next((c for c in candidates if c.is_dir() and _is_vqgan_folder(c)), None)
+    """The VQGAN folder next to or inside a model folder (vqgan*, ../vqgan*, min-dalle's ../vqgan).
+    Several candidates (say vqgan_imagenet_f16_1024 and vqgan_imagenet_f16_16384) are an error
+    naming them: the choice must be explicit (--vqgan)."""
+    if _is_vqgan_folder(folder):
+        return folder
+    found: list[Path] = []
+    for c in [*sorted(folder.glob("vqgan*")), *sorted(folder.parent.glob("vqgan*"))]:
+        if c.is_dir() and _is_vqgan_folder(c) and c.resolve() not in {f.resolve() for f in found}:
+            found.append(c)
+    if len(found) > 1:
+        raise CheckpointError(f"several VQGAN folders next to {folder}: {', '.join(str(f) for f in found)}; "
+                              "pass --vqgan DIR to choose the one the model was trained with")
+    return found[0] if found else None
 
 
 def _vqgan_config(path: Path) -> VQGANConfig:
@@ -366,7 +420,7 @@ def load_checkpoint(folder: str | Path, vqgan_folder: str | Path | None = None,
             cfg = ModelConfig.from_hf(hf)
         except (KeyError, ValueError, TypeError) as e:
             raise CheckpointError(f"{folder}/config.json is not a DalleBart config ({type(e).__name__}: {e})") from None
-        cfg = _with_codes(cfg, vqgan.cfg.n_embed)
+        cfg = _with_codes(cfg, vqgan.cfg.n_embed, vq_dir)
         say(f"reading {flax_file} ({flax_file.stat().st_size / 1e6:.0f} MB)")
         encoder, decoder = dallebart_from_flax(read_flax_msgpack(flax_file), cfg, flax_file)
         fmt, name = "dalle-mini flax", hf.get("_name_or_path") or folder.name
@@ -376,14 +430,12 @@ def load_checkpoint(folder: str | Path, vqgan_folder: str | Path | None = None,
         cfg_json = _first(folder, "config.json", "config_mini.json")
         if cfg_json:
             try:
-                cfg = _with_codes(ModelConfig.from_hf(_read_json(cfg_json)), vqgan.cfg.n_embed)
+                cfg = ModelConfig.from_hf(_read_json(cfg_json))
             except (KeyError, ValueError, TypeError) as e:
                 raise CheckpointError(f"{cfg_json} is not a DalleBart config ({type(e).__name__}: {e})") from None
         else:
-            for key, sd, f in (("embed_tokens.weight", enc_sd, enc_pt), ("embed_tokens.weight", dec_sd, dec_pt)):
-                if key not in sd:
-                    raise CheckpointError(f"parameter {key} is missing from {f}")
-            cfg = infer_model_config(enc_sd, dec_sd, vqgan.cfg.n_embed)
+            cfg = infer_model_config(enc_sd, dec_sd, enc_pt, dec_pt)
+        cfg = _with_codes(cfg, vqgan.cfg.n_embed, vq_dir)
         encoder = _from_state_dict(DalleBartEncoder(cfg), enc_sd, enc_pt, "encoder")
         decoder = _from_state_dict(DalleBartDecoder(cfg), dec_sd, dec_pt, "decoder")
         fmt, name = "min-dalle", "dalle-mega" if cfg.d_model >= 2048 else "dalle-mini"
@@ -395,18 +447,35 @@ def load_checkpoint(folder: str | Path, vqgan_folder: str | Path | None = None,
                               f"decodes {vqgan.cfg.token_grid}x{vqgan.cfg.token_grid}")
     prov = {"source": str(folder.resolve()), "source_format": fmt, "vqgan_source": str(vq_dir.resolve()), **vq_prov}
     licence = "Apache-2.0 (DALL·E Mini/Mega weights); VQGAN: MIT (taming-transformers)"
-    return Checkpoint(ModelParts(encoder, decoder, vqgan), vocab.parent if vocab.name == "vocab.json" else
-                      _tokenizer_copy(vocab, merges), str(name).split("/")[-1], fmt, prov, licence)
+    parts = ModelParts(encoder, decoder, vqgan)
+    if vocab.name == "vocab.json" and merges.name == "merges.txt" and vocab.parent == merges.parent:
+        return Checkpoint(parts, vocab.parent, str(name).split("/")[-1], fmt, prov, licence)
+    tok_dir = _tokenizer_copy(vocab, merges)
+    return Checkpoint(parts, tok_dir, str(name).split("/")[-1], fmt, prov, licence, temp_dirs=[tok_dir])
 
 
-def _with_codes(cfg: ModelConfig, n_embed: int) -> ModelConfig:
-    """Sample only codes the VQGAN has; the start token stays the config's (16384 for Mini and Mega)."""
-    return dataclasses.replace(cfg, num_codes=min(cfg.image_vocab_size, n_embed))
+def _with_codes(cfg: ModelConfig, n_embed: int, vq_dir: Path) -> ModelConfig:
+    """The codes the model samples are the rows below its start token (DALL·E Mini: 16384 = its image
+    vocabulary; Mega: 16384, below a padded vocabulary of 16415), at most the config's num_codes; the
+    start token stays the config's. A VQGAN with fewer codes did not train this model: refused."""
+    codes = cfg.num_codes
+    if 0 < cfg.decoder_start_token_id < codes:
+        codes = cfg.decoder_start_token_id
+    if n_embed < codes:
+        raise CheckpointError(f"the VQGAN in {vq_dir} has {n_embed} codes but the model samples {codes} "
+                              f"(codes 0..{codes - 1}): it is not the VQGAN this model was trained with; pass "
+                              "--vqgan with the right one (vqgan_imagenet_f16_16384 for DALL·E Mini and Mega)")
+    return dataclasses.replace(cfg, num_codes=codes)
 
 
 def _tokenizer_copy(vocab: Path, merges: Path) -> Path:
-    """min-dalle's vocab_mini.json/merges_mini.txt under the standard names, in a temporary folder."""
+    """min-dalle's vocab_mini.json/merges_mini.txt under the standard names, in a temporary folder
+    (removed by ``Checkpoint.cleanup``)."""
     tmp = Path(tempfile.mkdtemp(prefix="dallebot-tok-"))
-    shutil.copyfile(vocab, tmp / "vocab.json")
-    shutil.copyfile(merges, tmp / "merges.txt")
+    try:
+        shutil.copyfile(vocab, tmp / "vocab.json")
+        shutil.copyfile(merges, tmp / "merges.txt")
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot copy the tokenizer files {vocab} and {merges} ({e})") from None
     return tmp

@@ -10,11 +10,14 @@ leading/trailing commas; prepend one space.
 Differences from dalle-mini (which needs ftfy, emoji, unidecode and a 34 MB word list): no ftfy
 mojibake repair; emoji names come from ``unicodedata`` (``:cat_face:``, as the emoji package gives
 for most); transliteration covers accented Latin, Greek and Cyrillic, other scripts are dropped;
-hashtags are split only when the bundle ships ``enwiki-words-frequency.txt``.
+hashtags are split only when the bundle ships ``enwiki-words-frequency.txt``; ``<person>`` is replaced
+by a draw seeded from the prompt itself (dalle-mini draws from the process's global random state,
+so the same prompt and seed could give another image depending on what came before).
 """
 
 from __future__ import annotations
 
+import hashlib
 import html
 import math
 import random
@@ -131,15 +134,27 @@ class HashtagSplitter:
 
 
 class TextNormalizer:
+    """dalle-mini's normaliser. ``<person>`` tags (CC12M captions) are replaced by "a person",
+    "someone" or "somebody" drawn with dalle-mini's weights; the draw is seeded from ``seed`` and the
+    text itself, so a prompt always normalises the same way (same prompt and seed, same image),
+    whatever was normalised before it."""
+
     def __init__(self, hashtags: HashtagSplitter | None = None, seed: int = 0) -> None:
         self.hashtags = hashtags
-        self._rng = random.Random(seed)   # only for <person> replacement (CC12M captions)
+        self.seed = seed
+
+    def _rng(self, t: str) -> random.Random:
+        digest = hashlib.sha256(f"{self.seed}\0{t}".encode("utf-8")).digest()
+        return random.Random(int.from_bytes(digest[:8], "big"))
 
     def _person(self, t: str) -> str:
         t = re.sub(r"<person>([,\s]*(and)*[,\s]*<person>)+", " people ", t)
+        if "<person>" not in t:
+            return t
+        rng = self._rng(t)                     # a function of the text: no state between prompts
         words, weights = zip(*_PERSON_WEIGHTS)
         while "<person>" in t:
-            t = t.replace("<person>", f" {self._rng.choices(words, weights)[0]} ", 1)
+            t = t.replace("<person>", f" {rng.choices(words, weights)[0]} ", 1)
         return t
 
     def __call__(self, text: str) -> str:

@@ -13,7 +13,13 @@ from pathlib import Path
 
 import click
 
+from ..cli import FINITE_FLOAT
 from ..shipped import SHAPES_BUNDLE
+
+# evaluate() seeds batch i of prompts with seed * 1_000_003 + i (+ 7_777 for diversity), and the
+# pipeline takes seeds below 2**63: these bounds keep every derived seed in range.
+EVAL_MAX_PROMPTS = 1_000_000
+EVAL_MAX_SEED = 2**32 - 1
 
 
 def _group(root: click.Group, name: str, help: str) -> click.Group:
@@ -80,19 +86,21 @@ def train_shapes_cmd(out: Path, device: str, threads: int, seed: int, scenes: in
 @click.command("shapes")
 @click.option("--model", "model", type=click.Path(file_okay=False, path_type=Path), default=None,
               help=f"Bundle to evaluate (default: the shipped {SHAPES_BUNDLE.name} model).")
-@click.option("--n", "n", type=int, default=300, show_default=True, help="Prompts sampled from the grammar.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--n", "n", type=click.IntRange(1, EVAL_MAX_PROMPTS), default=300, show_default=True,
+              help="Prompts sampled from the grammar.")
+@click.option("--seed", type=click.IntRange(0, EVAL_MAX_SEED), default=0, show_default=True)
 @click.option("--sheet", type=click.Path(dir_okay=False, path_type=Path), default=Path("shapes-eval.png"),
               show_default=True, help="Contact sheet PNG of prompts and images.")
-@click.option("--diversity", type=int, default=0, help="Also measure two-seed diversity on this many prompts.")
+@click.option("--diversity", type=click.IntRange(0, EVAL_MAX_PROMPTS), default=0,
+              help="Also measure two-seed diversity on this many prompts.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the scores as JSON too.")
-@click.option("--threads", type=int, default=0, help="onnxruntime threads (0 = all cores).")
+@click.option("--threads", type=click.IntRange(0, 256), default=0, help="onnxruntime threads (0 = all cores).")
 @click.option("--speed", is_flag=True, help="Also time model load and a 4-image grid (median of 5).")
 @click.option("--renderer", is_flag=True, help="Score the procedural renderer instead of a model (calibration).")
-@click.option("--condition-scale", type=float, default=None)
-@click.option("--top-k", type=int, default=None)
-@click.option("--temperature", type=float, default=None)
+@click.option("--condition-scale", type=FINITE_FLOAT, default=None)
+@click.option("--top-k", type=click.IntRange(0, None), default=None)
+@click.option("--temperature", type=FINITE_FLOAT, default=None)
 def eval_shapes_cmd(model: Path | None, n: int, seed: int, sheet: Path, diversity: int, json_out: Path | None,
                     threads: int, speed: bool, renderer: bool, condition_scale: float | None, top_k: int | None,
                     temperature: float | None) -> None:

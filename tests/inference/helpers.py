@@ -29,6 +29,12 @@ TINY_MEGA = ModelConfig(
     encoder_ffn_dim=48, decoder_ffn_dim=48, text_vocab_size=410, image_vocab_size=20,
     text_length=12, image_grid=4, num_codes=16, decoder_start_token_id=16,
 )
+# Head size 64, as min-dalle folders without config.json are read (heads = d_model // 64)
+TINY64 = ModelConfig(
+    d_model=64, encoder_layers=1, decoder_layers=2, encoder_heads=1, decoder_heads=1,
+    encoder_ffn_dim=40, decoder_ffn_dim=40, text_vocab_size=400, image_vocab_size=24,
+    text_length=12, image_grid=4, num_codes=24, decoder_start_token_id=24,
+)
 # GroupNorm keeps vqgan-jax's 32 groups (its config.json has no such field)
 TINY_VQ = VQGANConfig(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, attn_resolutions=(4,), z_channels=16,
                       embed_dim=8, n_embed=24, resolution=16)
@@ -180,6 +186,14 @@ def vqgan_hf_config(cfg: VQGANConfig) -> dict:
             "attn_resolutions": list(cfg.attn_resolutions), "resolution": cfg.resolution,
             "z_channels": cfg.z_channels, "n_embed": cfg.n_embed, "embed_dim": cfg.embed_dim,
             "dropout": 0.0, "double_z": False, "resamp_with_conv": True}
+
+
+def write_vqgan_flax(folder: Path, vqgan) -> Path:
+    """A vqgan-jax folder (config.json + flax_model.msgpack) for a torch VQGAN decoder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(vqgan_hf_config(vqgan.cfg)))
+    write_msgpack(folder / "flax_model.msgpack", vqgan_flax_tree(vqgan, np.random.default_rng(0)))
+    return folder
 
 
 def write_hf_checkpoint(root: Path, parts: ModelParts, tokenizer: Path, scan: bool = True) -> tuple[Path, Path]:

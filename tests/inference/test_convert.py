@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import tempfile
 from pathlib import Path
 
 import msgpack
@@ -18,8 +19,8 @@ from inference.errors import CheckpointError
 from inference.export import ModelParts, build_parts
 
 from .helpers import (
-    TINY, TINY_MEGA, TINY_VQ, TINY_VQ16, dallebart_flax_tree, write_hf_checkpoint, write_min_dalle_checkpoint,
-    write_msgpack,
+    TINY, TINY64, TINY_MEGA, TINY_VQ, TINY_VQ16, dallebart_flax_tree, vqgan_hf_config, write_hf_checkpoint,
+    write_min_dalle_checkpoint, write_msgpack, write_vqgan_flax,
 )
 from .test_parity import TOL, run_decoder_onnx
 
@@ -159,3 +160,83 @@ def test_msgpack_reader_handles_chunks_bfloat16_and_scalars(tmp_path: Path) -> N
     np.testing.assert_array_equal(got["chunked"], a)
     np.testing.assert_array_equal(got["bf16"], a)
     assert int(got["scalar"]) == 7
+
+
+def test_vqgan_with_fewer_codes_than_the_model_is_refused(tmp_path: Path, tokenizer_dir: Path, capsys) -> None:
+    """A Mini-like model (24 codes) with a 16-code VQGAN: refused, naming both sizes (it silently sampled
+    only the first 16 codes)."""
+    parts = build_parts(TINY, TINY_VQ, seed=18)
+    model_dir, _ = write_hf_checkpoint(tmp_path / "hf", parts, tokenizer_dir)
+    small = write_vqgan_flax(tmp_path / "vqgan_small", build_parts(TINY_MEGA, TINY_VQ16, seed=18).vqgan)
+    with pytest.raises(SystemExit):
+        dallebot(["export", "--from", str(model_dir), "--vqgan", str(small), "--out", str(tmp_path / "b")])
+    err = capsys.readouterr().err
+    assert f"the VQGAN in {small} has 16 codes but the model samples 24" in err and "--vqgan" in err
+    assert err.strip().splitlines()[-1].startswith("dallebot: error:") and "Traceback" not in err
+    assert not (tmp_path / "b").exists()
+
+
+def test_several_vqgan_folders_need_an_explicit_choice(tmp_path: Path, tokenizer_dir: Path) -> None:
+    """vqgan_imagenet_f16_1024 sorts before vqgan_imagenet_f16_16384: no silent pick by name."""
+    parts = build_parts(TINY, TINY_VQ, seed=19)
+    model_dir, vq_dir = write_hf_checkpoint(tmp_path / "hf", parts, tokenizer_dir)
+    other = write_vqgan_flax(tmp_path / "hf" / "vqgan_imagenet_f16_1024", build_parts(TINY_MEGA, TINY_VQ16).vqgan)
+    with pytest.raises(CheckpointError, match=rf"several VQGAN folders next to .*{other.name}.*{vq_dir.name}.*pass --vqgan"):
+        load_checkpoint(model_dir)
+    ckpt = load_checkpoint(model_dir, vq_dir)                   # chosen explicitly
+    assert ckpt.parts.config.num_codes == TINY.num_codes
+    assert ckpt.provenance["vqgan_source"] == str(vq_dir.resolve())
+
+
+def _min_dalle_without_config(root: Path, tokenizer_dir: Path, seed: int = 20) -> tuple[Path, Path]:
+    parts = build_parts(TINY64, TINY_VQ, seed=seed)
+    model_dir, vq_dir = write_min_dalle_checkpoint(root, parts, tokenizer_dir)
+    (model_dir / "config.json").unlink()
+    return model_dir, vq_dir
+
+
+def test_min_dalle_without_config_keeps_the_start_token_and_refuses_a_small_vqgan(tmp_path: Path,
+                                                                                   tokenizer_dir: Path) -> None:
+    model_dir, vq_dir = _min_dalle_without_config(tmp_path, tokenizer_dir)
+    cfg = load_checkpoint(model_dir).parts.config            # dimensions inferred from the tensors
+    assert (cfg.d_model, cfg.decoder_layers, cfg.image_vocab_size) == (64, 2, 24)
+    assert cfg.decoder_start_token_id == 24 and cfg.num_codes == 24
+    # a 16-code VQGAN: the start token used to become 16, a real code of the model
+    small = build_parts(TINY_MEGA, TINY_VQ16, seed=20).vqgan
+    torch.save(small.state_dict(), vq_dir / "detoker.pt")
+    (vq_dir / "config.json").write_text(json.dumps(vqgan_hf_config(TINY_VQ16)))
+    with pytest.raises(CheckpointError, match="has 16 codes but the model samples 24"):
+        load_checkpoint(model_dir)
+
+
+@pytest.mark.parametrize("file, edit, message", [
+    ("decoder.pt", lambda sd: sd.pop("embed_positions.weight"), r"parameter embed_positions\.weight is missing from .*decoder\.pt"),
+    ("encoder.pt", lambda sd: sd.pop("embed_tokens.weight"), r"parameter embed_tokens\.weight is missing from .*encoder\.pt"),
+    ("encoder.pt", lambda sd: [sd.pop(k) for k in list(sd) if k.startswith("layers.")],
+     r"encoder\.pt has no layers\.N\.\* parameters"),
+    ("decoder.pt", lambda sd: sd.update({"embed_tokens.weight": sd["embed_tokens.weight"][0]}),
+     r"embed_tokens\.weight in .*decoder\.pt has shape \(64,\), expected a matrix"),
+])
+def test_unexpected_pt_layout_without_config(tmp_path: Path, tokenizer_dir: Path, file: str, edit, message: str) -> None:
+    model_dir, _ = _min_dalle_without_config(tmp_path, tokenizer_dir, seed=21)
+    sd = torch.load(model_dir / file, weights_only=True)
+    edit(sd)
+    torch.save(sd, model_dir / file)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(model_dir)
+
+
+def test_min_dalle_tokenizer_copy_is_removed_after_export(tmp_path: Path, tokenizer_dir: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """min-dalle's vocab_mini.json / merges_mini.txt are copied under the standard names into a
+    temporary folder for the export, and that folder is removed afterwards."""
+    parts = build_parts(TINY, TINY_VQ, seed=22, std=0.3)
+    model_dir, _ = write_min_dalle_checkpoint(tmp_path / "ckpt", parts, tokenizer_dir)
+    (model_dir / "vocab.json").rename(model_dir / "vocab_mini.json")
+    (model_dir / "merges.txt").rename(model_dir / "merges_mini.txt")
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    dallebot(["export", "--from", str(model_dir), "--out", str(tmp_path / "bundle")])
+    assert (tmp_path / "bundle" / "vocab.json").read_bytes() == (model_dir / "vocab_mini.json").read_bytes()
+    assert list(temp.iterdir()) == []

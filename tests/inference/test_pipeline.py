@@ -42,6 +42,19 @@ def test_same_seed_same_png_and_different_seed_different(pipe: Pipeline) -> None
     assert a != c
 
 
+def test_person_prompt_same_seed_same_png_whatever_came_before(pipe: Pipeline) -> None:
+    """``<person>`` is replaced by a random word (dalle-mini): the choice must not depend on the
+    prompts generated before in the same process."""
+    prompt = "a <person> with a red circle"
+    want = png_bytes(make_grid(pipe.generate([prompt], 4, [7])[0]))
+    for other in ("two <person> and a <person>", "a <person> on a <person>", "hello world", prompt,
+                  "<person> next to <person>, a <person>"):
+        pipe.generate([other], 1, [0])
+        assert png_bytes(make_grid(pipe.generate([prompt], 4, [7])[0])) == want
+        pipe.prepare([other, prompt])
+        assert png_bytes(make_grid(pipe.generate(["hello world", prompt], 4, [1, 7])[1])) == want
+
+
 def test_images_do_not_depend_on_batch_company(pipe: Pipeline) -> None:
     alone = pipe.generate_codes(["two green triangles"], 2, [5])[0]
     together = pipe.generate_codes(["a red circle", "two green triangles"], [3, 2], [1, 5])
@@ -144,6 +157,65 @@ def test_bad_manifest(bundle_copy: Path, edit, message: str) -> None:
     (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match=message):
         Pipeline.load(bundle_copy)
+
+
+def _edit_manifest(bundle: Path, edit) -> None:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    edit(manifest)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["files"].update({"vocab.json": "deadbeef"}), r"files\['vocab.json'\] must be an object"),
+    (lambda m: m.pop("name"), "KeyError: 'name'"),
+    (lambda m: m.update(name=7), "name must be a non-empty string"),
+    (lambda m: m.update(model=[1, 2]), "model must be an object"),
+    (lambda m: m["model"].update(image_grid=4.0), r"model\.image_grid must be a whole number"),
+    (lambda m: m["vqgan"].update(ch_mult="112"), r"vqgan\.ch_mult must be a list"),
+    (lambda m: m["sampling"].update(condition_scale="2"), r"sampling\.condition_scale must be a finite number"),
+    (lambda m: m["sampling"].update(top_k=8.5), r"sampling\.top_k must be a whole number"),
+    (lambda m: m["sampling"].update(top_k=True), r"sampling\.top_k must be a whole number"),
+    (lambda m: m["sampling"].update(temperature=float("nan")), r"sampling\.temperature must be a finite number"),
+    (lambda m: m["sampling"].update(top_p=0), r"sampling: top_p must be in \(0, 1\]"),
+    (lambda m: m["sampling"].update(top_k=-1), r"sampling: top_k must be >= 0"),
+    (lambda m: m["sampling"].update(greedy=True), "unknown sampling settings"),
+    (lambda m: m.update(sampling=None), "sampling must be an object"),
+    (lambda m: m.update(random_weights="no"), "random_weights must be true or false"),
+])
+def test_edited_manifest_is_a_bundle_error_naming_the_field(bundle_copy: Path, edit, message: str) -> None:
+    """Hand-edited manifests: one BundleError naming the field, at load (not a crash, not a failure of
+    every generation later)."""
+    _edit_manifest(bundle_copy, edit)
+    with pytest.raises(BundleError, match=message) as exc:
+        Pipeline.load(bundle_copy)
+    assert "malformed" in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_manifest_that_is_not_an_object(bundle_copy: Path) -> None:
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    (bundle_copy / "manifest.json").write_text(json.dumps([manifest]))
+    with pytest.raises(BundleError, match="malformed .*must be a JSON object, not list"):
+        Pipeline.load(bundle_copy)
+
+
+def test_good_sampling_values_still_load(bundle_copy: Path) -> None:
+    _edit_manifest(bundle_copy, lambda m: m["sampling"].update(condition_scale=2, top_k=0, top_p=0.9, temperature=0.5))
+    pipe = Pipeline.load(bundle_copy, threads=1)
+    assert pipe.sampling_params().condition_scale == 2 and len(pipe.generate(["a red circle"], 1, [0])[0]) == 1
+
+
+@pytest.mark.parametrize("graph", ["encoder", "decoder", "vqgan"])
+def test_external_data_must_be_listed_in_the_manifest(bundle_copy: Path, graph: str) -> None:
+    """A graph's weights (GRAPH.onnx.data) are size- and hash-checked only when the manifest lists them."""
+    data = f"{graph}.onnx.data"
+    assert (bundle_copy / data).is_file()
+    _edit_manifest(bundle_copy, lambda m: m["files"].pop(data))
+    with pytest.raises(BundleError, match=f"{graph}.onnx keeps its weights in {data}, which .* does not list"):
+        Pipeline.load(bundle_copy)
+    # also when the data file is gone: the graph itself names it
+    (bundle_copy / data).rename(bundle_copy / "elsewhere.bin")
+    with pytest.raises(BundleError, match=f"{graph}.onnx keeps its weights in {data}"):
+        Bundle.open(bundle_copy, verify=False)
 
 
 def test_manifest_not_json_and_not_a_bundle(bundle_copy: Path, tmp_path: Path) -> None:

@@ -91,3 +91,20 @@ def test_device_sampler_draws_what_the_numpy_sampler_draws(settings: dict) -> No
         torch.tensor([p.top_p], dtype=torch.float64)).numpy()
     np.testing.assert_array_equal(got, want)
     assert len(set(want.tolist())) > (1 if p.top_k == 1 else 20)
+
+
+def test_person_replacement_is_a_function_of_the_prompt() -> None:
+    """dalle-mini replaces ``<person>`` by a weighted random choice; here the draw is seeded from the
+    text, so a prompt normalises the same way however many prompts came before it (the pipeline
+    normalises every prompt twice per CLI request)."""
+    prompt = "a <person> with a red circle"
+    first = TextNormalizer()(prompt)
+    n = TextNormalizer()
+    for i in range(12):
+        assert n(prompt) == first
+        n(f"<person> number {i} next to a <person> on a <person> and <person>")   # other prompts between
+    assert TextNormalizer()(prompt) == first
+    assert n("<person> and <person> on a hill") == " people on a hill"
+    # still dalle-mini's three replacements, different prompts drawing different ones
+    drawn = {TextNormalizer()(f"<person> {i}").rsplit(" ", 1)[0].strip() for i in range(200)}
+    assert drawn == {"a person", "someone", "somebody"}

@@ -1,6 +1,7 @@
 import json
 
 import click
+import pytest
 from click.testing import CliRunner
 
 from inference.shapes.cli import register
@@ -30,3 +31,24 @@ def test_eval_reports_a_missing_bundle(tmp_path):
     result = CliRunner().invoke(root, ["eval", "shapes", "--model", str(tmp_path / "nope"), "--n", "2"])
     assert result.exit_code != 0
     assert "does not exist" in str(result.exception)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seed", "-1"], "'--seed': -1 is not in the range"),
+    (["--seed", str(2**32)], "'--seed'"),
+    (["--n", "0"], "'--n': 0 is not in the range"),
+    (["--n", "-3"], "'--n'"),
+    (["--diversity", "-1"], "'--diversity'"),
+    (["--condition-scale", "nan"], "'nan' is not a finite number"),
+    (["--temperature", "inf"], "'inf' is not a finite number"),
+    (["--top-k", "-2"], "'--top-k'"),
+])
+def test_eval_refuses_bad_numbers_before_running(tmp_path, args, message):
+    """A usage error (exit 2) naming the option, not a numpy traceback or a nan% report."""
+    root = click.Group("dallebot")
+    register(root)
+    result = CliRunner().invoke(root, ["eval", "shapes", "--renderer", "--sheet", str(tmp_path / "s.png"),
+                                       "--n", "3", *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "nan%" not in result.output
+    assert not (tmp_path / "s.png").exists()
