@@ -18,6 +18,7 @@ from bot.config import ConfigError, Settings, load_settings
 from bot.intake import PromptRejected
 from storage.errors import StorageError
 from storage.states import Status
+from storage.states import Status
 
 EXIT_USAGE = 2
 EXIT_ERROR = 1
@@ -147,7 +148,9 @@ def queue_add(c: Ctx, prompt: str, user: str, n_images: int | None, seed: int | 
         _echo_json({**res.request.to_json(), "position": pos})
     else:
         state = res.request.status
-        click.echo(f"request {res.request.id} {state}" + (f", position {pos + 1} in the queue" if pos is not None else ""))
+        why = f": {res.request.error}" if state == Status.REJECTED and res.request.error else ""
+        click.echo(f"request {res.request.id} {state}{why}"
+                   + (f", position {pos + 1} in the queue" if pos is not None else ""))
 
 
 def _status_option(f):  # type: ignore[no-untyped-def]

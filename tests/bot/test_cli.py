@@ -53,6 +53,8 @@ def test_queue_workflow_and_json_output(tmp_path: Path, db_url: str) -> None:
     assert ban.returncode == 0 and "local:u2 is banned" in ban.stdout
     refused = json.loads(run("queue", "add", "x y", "--user", "u2", "--json", data=tmp_path, db_url=db_url).stdout)
     assert refused["status"] == "rejected"
+    plain = run("queue", "add", "a green star", "--user", "u2", data=tmp_path, db_url=db_url)
+    assert plain.returncode == 0 and plain.stdout.strip().endswith("rejected: user is banned"), plain.stdout
 
 
 def test_unknown_request_and_illegal_transition(tmp_path: Path) -> None:
