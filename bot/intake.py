@@ -7,6 +7,9 @@ import unicodedata
 
 # Zero-width and bidirectional control characters: invisible, and used to disguise text.
 _INVISIBLE = re.compile("[\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff\u00ad]")
+# Hangul fillers: "letters" (isalnum) that show as blank space, the usual way to send an empty-looking
+# message on Discord. Read as spaces, so a prompt of nothing but them is empty.
+_BLANK_LETTERS = re.compile("[\u115f\u1160\u3164\uffa0]")
 _SPACES = re.compile(r"\s+")
 
 
@@ -18,6 +21,7 @@ def normalize_prompt(raw: str) -> str:
     """NFKC, drop control and invisible characters, collapse whitespace."""
     text = unicodedata.normalize("NFKC", raw)
     text = _INVISIBLE.sub("", text)
+    text = _BLANK_LETTERS.sub(" ", text)
     text = "".join(ch if unicodedata.category(ch)[0] != "C" else " " for ch in text)
     return _SPACES.sub(" ", text).strip()
 

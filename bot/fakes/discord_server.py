@@ -428,8 +428,12 @@ class FakeDiscord:
                        "X-RateLimit-Reset": f"{time.time() + retry_after:.3f}"}
             if is_global:
                 headers["X-RateLimit-Global"] = "true"
-        else:
-            body, headers = "<html><body>error code: 1015</body></html>", {}
+        else:  # Cloudflare answers, not Discord: none of Discord's headers, Via included
+            body, headers = "<html><body>error code: 1015</body></html>", {"Via": "", "X-RateLimit-Bucket": "",
+                                                                          "X-RateLimit-Limit": "",
+                                                                          "X-RateLimit-Remaining": "",
+                                                                          "X-RateLimit-Reset": "",
+                                                                          "X-RateLimit-Reset-After": ""}
         fault = _Fault(route, 429, count, body, headers)
         self._faults.append(fault)
         return fault
@@ -615,6 +619,7 @@ class FakeDiscord:
                 "X-RateLimit-Remaining": "4", "X-RateLimit-Reset": f"{now + 1:.3f}",
                 "X-RateLimit-Reset-After": "1.000"}
         base.update(headers or {})
+        base = {k: v for k, v in base.items() if v}  # an empty value: leave that header out
         if status == 204:
             return web.Response(status=204, headers=base)
         if isinstance(data, str):

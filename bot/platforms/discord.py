@@ -13,8 +13,15 @@ client's event loop through ``asyncio.run_coroutine_threadsafe``)
     the deferred message is edited into the result: the images as attachments and a Re-roll button
     (a new request with a new seed from whoever clicks; limits apply). After that, or when Discord
     says the token is gone (401/404), it is a channel message that mentions the user (private: a DM).
-    discord.py waits out 429s itself (``Retry-After``); a missing channel, missing permissions or
-    closed DMs fail without retry.
+    discord.py waits out 429s itself (``Retry-After``); one it does not (Cloudflare's ban page) is
+    retried after its ``Retry-After``, or a minute. A missing channel, missing permissions, closed DMs
+    or files over the upload limit fail without retry, and the request's message then shows that.
+    A message whose token has run out is no longer followed.
+
+Every command and click is acknowledged before the database is asked anything (Cancel: once the
+database has taken more than :data:`ACK_WITHIN_S`), since Discord drops an interaction that is not
+acknowledged within 3 seconds; a database that fails is answered with
+:data:`bot.platforms.text.QUEUE_UNAVAILABLE`, never with "thinking…" for ever.
 
 ``/dalle-status``: queue length and an ETA from the measured throughput.
 ``/dalle-mod queue|approve|reject|ban``: for members with a role named in ``[discord]
@@ -34,6 +41,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import math
 import random
 import threading
 from collections import OrderedDict
@@ -64,6 +72,11 @@ DELIVERY_TIMEOUT_S = 300.0
 # After a crash mid-delivery, how many of the bot's latest messages where a result goes are searched
 # for it (one request to Discord; a busier channel than this may get the result twice).
 RECOVERY_LOOKBACK = 100
+#: Longest message text Discord takes.
+MESSAGE_LIMIT = 2000
+#: A click whose work (database) takes longer than this is acknowledged first, then answered:
+#: Discord drops an interaction not acknowledged within 3 seconds.
+ACK_WITHIN_S = 2.0
 
 
 @dataclass
@@ -127,6 +140,7 @@ class DiscordPlatform:
         self._own_lock = threading.Lock()
         self._task: asyncio.Task[None] | None = None
         self._updater: asyncio.Task[None] | None = None
+        self._stopping = False
         self.synced: list[str] = []  # scopes synced at the last start (for logs and tests)
         #: Every platform of the app (set by open_app), so /dalle-mod reject can tell an X user too.
         self.platforms: dict[str, Any] | None = None
@@ -147,10 +161,12 @@ class DiscordPlatform:
         worker-only process needs to deliver)."""
         self._apply_overrides()
         self._loop = asyncio.get_running_loop()
+        self._stopping = False
         if not intake:
             await self.client.login(self.cfg.token)
             return
         self._task = asyncio.create_task(self.client.start(self.cfg.token), name="discord-client")
+        self._task.add_done_callback(self._client_ended)
         ready = asyncio.create_task(self.client.wait_until_ready())
         done, _ = await asyncio.wait({self._task, ready}, timeout=ready_timeout,
                                      return_when=asyncio.FIRST_COMPLETED)
@@ -161,16 +177,29 @@ class DiscordPlatform:
             raise TimeoutError("the Discord client did not become ready")
         self._updater = asyncio.create_task(self._update_loop(), name="discord-positions")
 
+    def _client_ended(self, task: asyncio.Task[None]) -> None:
+        """discord.py reconnects by itself, but gives up for good on some errors (a reset token: close
+        4004; intents not allowed: 4014). Nothing answers /dalle after that: say so loudly."""
+        if task.cancelled() or self._updater is None or self._stopping:  # before ready, start() raises it
+            return
+        exc = task.exception()
+        if exc is not None:
+            _log.error("the Discord client stopped for good (%s: %s); /dalle and the buttons go unanswered "
+                       "until the service is restarted", type(exc).__name__, exc)
+
     async def poll(self) -> int:
         return 0
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._updater is not None:
             self._updater.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._updater
         await self.client.close()
         if self._task is not None:
+            if self._task.done() and not self._task.cancelled() and self._task.exception() is not None:
+                return  # it ended with an error long ago, reported then (_client_ended)
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait_for(self._task, 10)
 
@@ -357,7 +386,11 @@ class DiscordPlatform:
         margin = self.cfg.expiry_margin_seconds
         rate = await asyncio.to_thread(self._rate)
         for rid, tracked in list(self.tracked.items()):
-            if _seconds_left(tracked.interaction) < margin:
+            left = _seconds_left(tracked.interaction)
+            if left <= 0:  # the token is gone: nothing can edit this message any more
+                self.tracked.pop(rid, None)
+                continue
+            if left < margin:
                 continue  # delivery will fall back to the channel; keep quiet until then
             await self._refresh(rid, tracked, rate)
 
@@ -371,45 +404,76 @@ class DiscordPlatform:
 
     # ---- buttons --------------------------------------------------------------------------
 
-    async def on_cancel(self, interaction: discord.Interaction, request_id: int) -> None:
+    def _cancel_for(self, request_id: int, user_id: str) -> str | None:
+        """(Worker thread) Cancel ``request_id`` for the user who clicked: None when it is cancelled,
+        else what to tell them."""
         try:
-            rec = await asyncio.to_thread(self.queue.get, request_id)
+            rec = self.queue.get(request_id)
+            if rec.platform != self.name or rec.author_id != user_id:
+                return "Only the person who asked can cancel this request."
+            try:
+                self.queue.cancel(request_id, actor=f"discord:{user_id}", reason="cancelled by the requester")
+            except IllegalTransition:
+                return texts.cannot_cancel(self.queue.get(request_id).status.value)
         except NotFound:
-            await interaction.response.send_message("That request no longer exists.", ephemeral=True)
-            return
-        if rec.platform != self.name or rec.author_id != str(interaction.user.id):
-            await interaction.response.send_message("Only the person who asked can cancel this request.",
-                                                    ephemeral=True)
-            return
+            return "That request no longer exists."
+        except Exception:  # the database is down: say so (the queued message stays as it is)
+            _log.exception("cannot cancel request %d", request_id)
+            return texts.QUEUE_UNAVAILABLE
+        return None
+
+    async def on_cancel(self, interaction: discord.Interaction, request_id: int) -> None:
+        # Answered at once when the database answers in time; otherwise acknowledged first (a
+        # deferred update of the clicked message), so the click does not fail (Discord's 3 seconds).
+        work = asyncio.ensure_future(asyncio.to_thread(self._cancel_for, request_id, str(interaction.user.id)))
+        deferred = False
         try:
-            await asyncio.to_thread(self.queue.cancel, request_id, actor=f"discord:{interaction.user.id}",
-                                    reason="cancelled by the requester")
-        except IllegalTransition:
-            now = await asyncio.to_thread(self.queue.get, request_id)
-            await interaction.response.send_message(texts.cannot_cancel(now.status.value), ephemeral=True)
+            told = await asyncio.wait_for(asyncio.shield(work), ACK_WITHIN_S)
+        except TimeoutError:
+            with contextlib.suppress(discord.HTTPException):
+                await interaction.response.defer()
+                deferred = True
+            told = await work
+        if told is not None:
+            with contextlib.suppress(discord.HTTPException):
+                if deferred:
+                    await interaction.followup.send(told, ephemeral=True)
+                else:
+                    await interaction.response.send_message(told, ephemeral=True)
+            return
+        cancelled = texts.discord_status_line("cancelled", None, None)
+        try:
+            if deferred:
+                await interaction.edit_original_response(content=cancelled, view=None)
+            else:
+                await interaction.response.edit_message(content=cancelled, view=None)
+        except discord.HTTPException as exc:  # the position updates will show it (the entry is kept)
+            _log.info("cannot answer the Cancel click on request %d: %s", request_id, exc)
             return
         tracked = self.tracked.pop(request_id, None)
         if tracked is not None:
             tracked.done = True
-        await interaction.response.edit_message(content=texts.discord_status_line("cancelled", None, None),
-                                                view=None)
 
     async def on_reroll(self, interaction: discord.Interaction, request_id: int) -> None:
         if not self._first_time(interaction.id):
             return
-        try:
-            original = await asyncio.to_thread(self.queue.get, request_id)
-        except NotFound:
-            await interaction.response.send_message("That request no longer exists.", ephemeral=True)
-            return
         if not self.channel_allowed(interaction.guild_id, interaction.channel_id):
             await interaction.response.send_message(texts.CHANNEL_NOT_ALLOWED, ephemeral=True)
             return
-        private = bool(original.options.get("private"))
-        try:
-            await interaction.response.defer(thinking=True, ephemeral=private)
-        except discord.HTTPException:
+        # Acknowledged before the database is asked anything (Discord's 3 seconds). A private
+        # result is an ephemeral message (or a DM, private anyway): its re-roll stays ephemeral.
+        clicked = interaction.message
+        if not await self._defer(interaction, ephemeral=bool(clicked is not None and clicked.flags.ephemeral)):
             return
+        try:
+            original = await asyncio.to_thread(self.queue.get, request_id)
+        except NotFound:
+            await self._edit_answer(interaction, "That request no longer exists.")
+            return
+        except Exception:
+            await self._queue_unavailable(interaction, f"re-roll of request {request_id}")
+            return
+        private = bool(original.options.get("private"))
         seed = self.rng.randrange(2**31)
         while seed == original.seed:
             seed = self.rng.randrange(2**31)
@@ -423,13 +487,19 @@ class DiscordPlatform:
         def read() -> tuple[dict[str, int], float]:
             return self.queue.stats(), self._rate()
 
-        stats, rate = await asyncio.to_thread(read)
+        if not await self._defer(interaction, ephemeral=True):
+            return
+        try:
+            stats, rate = await asyncio.to_thread(read)
+        except Exception:
+            await self._queue_unavailable(interaction, "/dalle-status")
+            return
         waiting, drawing = stats["queued"], stats["running"]
         eta = None if rate <= 0 else (waiting + 1) / rate
         speed = f"{rate * 3600:.0f} requests/hour" if rate > 0 else "not measured yet"
-        await interaction.response.send_message(
-            f"Queue: {waiting} waiting, {drawing} being drawn. Throughput: {speed}. "
-            f"A new request would be ready in {texts.eta_text(eta)}.", ephemeral=True)
+        await self._edit_answer(
+            interaction, f"Queue: {waiting} waiting, {drawing} being drawn. Throughput: {speed}. "
+                         f"A new request would be ready in {texts.eta_text(eta)}.")
 
     def moderation_guilds(self) -> set[str]:
         return set(self.cfg.moderator_guild_ids or self.cfg.guild_ids)
@@ -459,21 +529,26 @@ class DiscordPlatform:
         return f"discord-moderator:{interaction.user.id}"
 
     async def on_mod_queue(self, interaction: discord.Interaction) -> None:
-        recs = await asyncio.to_thread(self.queue.list, status=[Status.QUEUED.value, Status.HELD.value], limit=15)
+        if not await self._defer(interaction, ephemeral=True):
+            return
+        try:
+            recs = await asyncio.to_thread(self.queue.list, status=[Status.QUEUED.value, Status.HELD.value],
+                                           limit=15)
+        except Exception:
+            await self._queue_unavailable(interaction, "/dalle-mod queue")
+            return
         if not recs:
-            await interaction.response.send_message("Nothing is waiting.", ephemeral=True)
+            await self._edit_answer(interaction, "Nothing is waiting.")
             return
         lines = [f"#{r.id} {r.status.value} {r.user_ref}: `{texts.shorten(r.prompt.replace('`', 'ˋ'), 80)}`"
                  for r in recs]
-        await interaction.response.send_message("\n".join(lines)[:1900], ephemeral=True)
+        await self._edit_answer(interaction, "\n".join(lines)[:1900])
 
     async def on_mod_action(self, interaction: discord.Interaction, action: str, request_id: int,
                             reason: str | None) -> None:
         # Acknowledge first: a rejection tells the requester on their platform (REST calls, maybe a
         # rate-limit wait), which can take longer than the 3 s an interaction may go unanswered.
-        try:
-            await interaction.response.defer(ephemeral=True, thinking=True)
-        except discord.HTTPException:
+        if not await self._defer(interaction, ephemeral=True):
             return
         try:
             rec = await asyncio.to_thread(moderation.act, self.queue, action, request_id,
@@ -482,12 +557,45 @@ class DiscordPlatform:
             text = f"Request #{rec.id} is now {rec.status.value}."
         except (IllegalTransition, NotFound) as exc:
             text = str(exc)
-        await interaction.edit_original_response(content=text)
+        except Exception:
+            await self._queue_unavailable(interaction, f"/dalle-mod {action} {request_id}")
+            return
+        await self._edit_answer(interaction, text)
 
     async def on_mod_ban(self, interaction: discord.Interaction, user: discord.User, reason: str | None) -> None:
-        await asyncio.to_thread(moderation.ban, self.queue, f"{self.name}:{user.id}", actor=self._actor(interaction),
-                                reason=reason)
-        await interaction.response.send_message(f"{user.mention} can no longer make requests.", ephemeral=True)
+        if not await self._defer(interaction, ephemeral=True):
+            return
+        try:
+            await asyncio.to_thread(moderation.ban, self.queue, f"{self.name}:{user.id}",
+                                    actor=self._actor(interaction), reason=reason)
+        except Exception:
+            await self._queue_unavailable(interaction, f"/dalle-mod ban {user.id}")
+            return
+        await self._edit_answer(interaction, f"{user.mention} can no longer make requests.")
+
+    # ---- answering an interaction whose work needs the database ----------------------------
+
+    @staticmethod
+    async def _defer(interaction: discord.Interaction, *, ephemeral: bool) -> bool:
+        """Acknowledge at once ("thinking…"), so that the database's time does not count against
+        Discord's 3 seconds; False when Discord refused (already acknowledged elsewhere, too late)."""
+        try:
+            await interaction.response.defer(ephemeral=ephemeral, thinking=True)
+        except discord.HTTPException:
+            return False
+        return True
+
+    @staticmethod
+    async def _edit_answer(interaction: discord.Interaction, text: str) -> None:
+        try:
+            await interaction.edit_original_response(content=text)
+        except discord.HTTPException as exc:
+            _log.info("cannot answer interaction %s: %s", interaction.id, exc)
+
+    async def _queue_unavailable(self, interaction: discord.Interaction, what: str) -> None:
+        """The database failed (down, or a bug): say so rather than leave "thinking…" for ever."""
+        _log.exception("cannot answer %s", what)
+        await self._edit_answer(interaction, texts.QUEUE_UNAVAILABLE)
 
     # ---- delivery -------------------------------------------------------------------------
 
@@ -577,12 +685,19 @@ class DiscordPlatform:
                     self.tracked.pop(request.id, None)
                     return Delivery(reply_id=str(msg.id), reply_url=msg.jump_url)
                 except discord.RateLimited as exc:
+                    tracked.done = False  # not delivered: the position updates go on
                     raise _delivery_error(exc) from exc
                 except discord.HTTPException as exc:
                     if exc.status not in (401, 404):
+                        # Not delivered (a retry comes, or the request fails): the updates go on, so
+                        # the message ends showing what became of it, not "Sending the images…".
+                        tracked.done = False
                         raise _delivery_error(exc) from exc
                     _log.info("interaction token of request %d is gone (%s): posting in the channel",
                               request.id, exc.status)
+                except BaseException:
+                    tracked.done = False
+                    raise
         self.tracked.pop(request.id, None)
         try:
             if request.options.get("private"):
@@ -607,6 +722,8 @@ class DiscordPlatform:
         return self._run(self._refuse(request, message))
 
     async def _refuse(self, request: RequestRecord, message: str) -> Delivery:
+        mention = f"<@{request.author_id}> "
+        message = texts.shorten(message, MESSAGE_LIMIT - len(mention))  # a moderator's reason can be long
         tracked = self.tracked.pop(request.id, None)
         if tracked is not None and _seconds_left(tracked.interaction) > 0:
             async with tracked.lock:
@@ -626,7 +743,7 @@ class DiscordPlatform:
                 msg = await user.send(content=message)
             elif request.channel_id:
                 msg = await self.client.get_partial_messageable(int(request.channel_id)).send(
-                    content=f"<@{request.author_id}> {message}",
+                    content=mention + message,
                     allowed_mentions=discord.AllowedMentions(users=[discord.Object(int(request.author_id))]))
             else:
                 raise DeliveryError("no channel to post the refusal in", permanent=True)
@@ -679,9 +796,27 @@ def _seconds_left(interaction: discord.Interaction) -> float:
     return (interaction.expires_at - dt.datetime.now(dt.UTC)).total_seconds()
 
 
+#: Seconds to wait after a 429 that says nothing about when to come back.
+RATE_LIMIT_FALLBACK_S = 60.0
+
+
+def _retry_after(exc: discord.HTTPException) -> float:
+    """When a 429 that discord.py did not wait out itself (Cloudflare's ban page, which has no Via
+    header; or still limited after its retries) allows the next try: its Retry-After, else a minute.
+    Retrying at once would only prolong a Cloudflare ban."""
+    headers = getattr(exc.response, "headers", None) or {}
+    try:
+        seconds = float(headers.get("Retry-After", ""))
+    except ValueError:
+        return RATE_LIMIT_FALLBACK_S
+    return seconds if math.isfinite(seconds) and seconds > 0 else RATE_LIMIT_FALLBACK_S
+
+
 def _delivery_error(exc: discord.HTTPException | discord.RateLimited) -> DeliveryError:
     if isinstance(exc, discord.RateLimited):
         return DeliveryError(f"Discord rate limit: {exc}", retry_after=exc.retry_after)
+    if exc.status == 429:
+        return DeliveryError(f"Discord rate limit (429): {exc.text[:200]}", retry_after=_retry_after(exc))
     if exc.status in (400, 403, 404, 413):
         # Missing permissions, closed DMs, deleted channel, file too large: retrying will not help.
         return DeliveryError(f"Discord refused the result ({exc.status}/{exc.code}): {exc.text}", permanent=True)

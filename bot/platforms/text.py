@@ -65,6 +65,7 @@ CHANNEL_NOT_ALLOWED = "Sorry, I don't draw in this channel."
 NOT_IN_GUILD = "This command only works in a server."
 NOT_A_MODERATOR = "Only moderators can use this command."
 INTAKE_UNAVAILABLE = "Sorry, I can't take requests right now. Please try again in a few minutes."
+QUEUE_UNAVAILABLE = "Sorry, I can't reach the request queue right now. Please try again in a few minutes."
 NOT_A_MODERATION_GUILD = ("This server does not moderate this bot. Its operator lists the servers that do "
                           "in [discord] moderator_guild_ids.")
 GENERIC_REFUSAL = "Sorry, I can't draw that."

@@ -257,6 +257,20 @@ async def test_429_without_via_header_is_not_retried(fake: FakeDiscord, bot: Dal
     assert len(fake.requests_to("POST /channels/{channel_id}/messages")) == 1
 
 
+async def test_429_without_via_header_on_a_webhook_is_not_retried(fake: FakeDiscord, bot: DalleTestBot) -> None:
+    """Cloudflare's ban page carries none of Discord's headers, Via included: discord.py's webhook
+    path (interaction edits) raises it as a 429 at once (with a Via header it would read the HTML
+    page as JSON and fail with a TypeError)."""
+    sent, interaction, _ = await _invoke(fake, bot, {"prompt": "a fox"}, user=fake.add_user("mason"))
+    await interaction.response.defer()
+    route = "PATCH /webhooks/{application_id}/{token}/messages/{message_id}"
+    fake.inject_rate_limit(route, via=False)
+    with pytest.raises(discord.HTTPException) as caught:
+        await interaction.edit_original_response(content="blocked")
+    assert caught.value.status == 429 and "error code: 1015" in caught.value.text
+    assert len(fake.requests_to(route)) == 1
+
+
 async def test_button_click_is_a_component_interaction(fake: FakeDiscord, bot: DalleTestBot) -> None:
     mason = fake.add_user("mason")
     sent, interaction, _ = await _invoke(fake, bot, {"prompt": "a fox"}, user=mason)
