@@ -50,7 +50,10 @@ transport adapter supplied it, else over the URL the request arrived at).
 
 Every response carries ``x-rate-limit-limit/-remaining/-reset`` from per-route,
 per-identity 15-minute windows (limits from X's 2026 rate-limit table);
-exhausting a window gives a real 429.  Faults can be injected on top: see
+exhausting a window gives a real 429.  Routes given ``daily_limits`` (``POST /2/tweets``
+on X) also carry ``x-user-limit-24hour-*`` and ``x-app-limit-24hour-*`` from 24-hour
+windows per user and for the whole app; a spent day is a 429 whose 15-minute
+headers still show requests left, as X answers it.  Faults can be injected on top: see
 :meth:`FakeX.inject_rate_limit` (also without rate-limit headers),
 :meth:`FakeX.inject_server_error` and :meth:`FakeX.inject_hang` (a server that does not answer).
 """
@@ -92,6 +95,7 @@ _log = logging.getLogger(__name__)
 
 TWITTER_EPOCH_MS = 1288834974657
 RATE_WINDOW_S = 15 * 60
+DAY_WINDOW_S = 24 * 3600
 MAX_MENTIONS_VISIBLE = 800
 MAX_IMAGE_BYTES = 5 * 1024 * 1024
 
@@ -376,6 +380,7 @@ class FakeX:
         require_summoned_replies: bool = True,
         verify_signatures: bool = True,
         rate_limits: Mapping[str, tuple[int, int | None]] | None = None,
+        daily_limits: Mapping[str, tuple[int | None, int | None]] | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
@@ -390,6 +395,10 @@ class FakeX:
         self.verify_signatures = verify_signatures
         #: Per-route (user, app) limits per 15 minutes; override some in tests.
         self.rate_limits = {**RATE_LIMITS, **(rate_limits or {})}
+        #: Per-route (per-user, per-app) limits per 24 hours (None: no such limit); none by default.
+        self.daily_limits = dict(daily_limits or {})
+        #: Posts made through POST /2/tweets stay out of timelines until :meth:`reveal` (indexing lag).
+        self.hide_new_posts = False
         self.host = host
         self.port = port
 
@@ -402,6 +411,7 @@ class FakeX:
         self.faults: list[XFault] = []
         self.hangs: list[XHang] = []
         self._windows: dict[tuple[str, str], tuple[float, int]] = {}
+        self._day_windows: dict[tuple[str, str], tuple[float, int]] = {}
         self._redeliver: dict[str, int] = {}
         self._nonces: set[tuple[str, str]] = set()
         self.bot = self.add_user(bot_username, name="DALL·E mini bot")
@@ -684,6 +694,7 @@ class FakeX:
                     identity = self._authenticate(request, form, user_only=user_only)
                     rec.auth = identity
                     headers = self._rate_headers(key, identity, now)
+                    self._daily_headers(key, identity, now, headers)
                     self._apply_faults(key, now, headers)
                     status, payload = handler(request, identity, rec, form)
                 except _ApiError as e:
@@ -774,6 +785,32 @@ class FakeX:
         self._windows[(key, identity)] = (start, used + 1)
         return {"x-rate-limit-limit": str(limit), "x-rate-limit-remaining": str(limit - used - 1),
                 "x-rate-limit-reset": reset}
+
+    def _daily_headers(self, key: str, identity: str, now: float, headers: dict[str, str]) -> None:
+        """The 24-hour windows of ``key`` (user and app): their headers, or a 429 when one is spent."""
+        if key not in self.daily_limits:
+            return
+        spent = False
+        windows = []
+        for scope, who, limit in (("user", identity, self.daily_limits[key][0]),
+                                  ("app", "app", self.daily_limits[key][1])):
+            if limit is None:
+                continue
+            start, used = self._day_windows.get((key, who), (now, 0))
+            if now >= start + DAY_WINDOW_S:
+                start, used = now, 0
+            spent = spent or used >= limit
+            windows.append((scope, who, limit, start, used))
+        for scope, who, limit, start, used in windows:
+            if not spent:
+                used += 1
+                self._day_windows[(key, who)] = (start, used)
+            headers.update({f"x-{scope}-limit-24hour-limit": str(limit),
+                            f"x-{scope}-limit-24hour-remaining": str(max(0, limit - used)),
+                            f"x-{scope}-limit-24hour-reset": str(int(start + DAY_WINDOW_S))})
+        if spent:
+            raise _ApiError(429, {"title": "Too Many Requests", "detail": "Too Many Requests",
+                                  "type": "about:blank", "status": 429}, headers)
 
     def _apply_faults(self, key: str, now: float, headers: dict[str, str]) -> None:
         for fault in self.faults:
@@ -996,7 +1033,7 @@ class FakeX:
                 and not t.deleted for t in self.tweets.values()):
             raise _problem(403, "Forbidden", "You are not allowed to create a Tweet with duplicate content.")
         bot = self.bot
-        tweet = self.add_tweet(bot, text or "", reply_to=parent)
+        tweet = self.add_tweet(bot, text or "", reply_to=parent, hidden=self.hide_new_posts)
         tweet.media_keys = [self.media[m].media_key for m in media_ids]
         return 201, {"data": {"id": tweet.id, "text": tweet.text, "edit_history_tweet_ids": [tweet.id]}}
 

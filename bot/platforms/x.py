@@ -8,7 +8,10 @@ Intake (``poll``; ``dallebot serve`` runs it every ``[x] poll_interval`` seconds
       after every mention of the round was stored; a crash or a 429 mid-round re-reads the same
       mentions next time, and storing is idempotent on the mention id (the root of its edit chain),
       so a restart neither loses nor repeats any. The first poll ever reads one page only (no
-      backfill of 800 old mentions).
+      backfill of 800 old mentions). Each round reads from :data:`CURSOR_OVERLAP_SECONDS` before
+      the cursor (ids are timestamps): X can list a mention late, after newer ones moved the cursor
+      past its id; re-read mentions are stored already and cost nothing more. A mention edited
+      before it was stored is taken in its newest version (prompt and post to reply to).
     * Skipped without a reply: the bot's own posts, retweets, and posts that name the bot only in X's
       reply prefix (replies in a thread the bot is part of).
     * The prompt is the displayed text without the leading @mentions and URLs
@@ -29,9 +32,10 @@ Delivery (the worker, in a thread)
 
 Rate limits
     A response hook on the tweepy session reads ``x-rate-limit-remaining/-reset`` (and the 24-hour
-    ``x-user-limit-24hour-*`` of ``POST /2/tweets``) of every response; a route with nothing left,
-    or a 429, is not called again before its reset. The poller skips rounds until then; a delivery
-    waits up to ``[x] max_rate_limit_wait`` seconds, or hands the request back with ``retry_after``.
+    ``x-user-limit-24hour-*`` and ``x-app-limit-24hour-*`` of ``POST /2/tweets``) of every response;
+    a route with nothing left, or a 429, is not called again before its (latest) reset. The poller
+    skips rounds until then; a delivery waits up to ``[x] max_rate_limit_wait`` seconds, or hands the
+    request back with ``retry_after`` (before uploading any image when posting is the one blocked).
     Deleted or protected tweets (403/404 on the reply) fail without retry. Every call has a timeout
     (:data:`HTTP_TIMEOUT`; tweepy sets none), so a hung X fails the try instead of blocking it.
 """
@@ -41,6 +45,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -78,6 +83,11 @@ ADMIT_BATCH = 100
 #: (connect, read) timeout in seconds of every call to X that does not set its own: tweepy sets none,
 #: and a call that never returns would hold the poller or a delivery (whose lease is kept renewed) forever.
 HTTP_TIMEOUT = (5.0, 30.0)
+#: Most pages of the bot's own posts :meth:`XPlatform.find_delivery` reads: X lists the newest 3,200.
+TIMELINE_PAGES = 32
+#: Seconds before the cursor that each round reads again: a mention X lists late (indexing lag), with an
+#: id older than mentions already read, is still found. X ids carry their time in milliseconds above bit 22.
+CURSOR_OVERLAP_SECONDS = 60.0
 
 MENTION_PARAMS: dict[str, Any] = dict(
     tweet_fields=["author_id", "conversation_id", "created_at", "in_reply_to_user_id", "referenced_tweets",
@@ -146,7 +156,8 @@ class XPlatform:
         self._next_sweep: dt.datetime | None = None  # next look for owed refusals (queue clock)
         self._blocked_lock = threading.Lock()
         self._bot: tuple[str, str] | None = (
-            (cfg.bot_user_id, cfg.bot_username) if cfg.bot_user_id and cfg.bot_username else None)
+            (cfg.bot_user_id.strip(), _handle(cfg.bot_username))
+            if cfg.bot_user_id.strip() and _handle(cfg.bot_username) else None)
 
     # ---- rate limits ----------------------------------------------------------------------
 
@@ -154,13 +165,15 @@ class XPlatform:
         """requests response hook: remember when a route may be called again."""
         route = _route(response.request.method or "GET", response.request.url or "")
         h = response.headers
-        until = None
+        resets = []
         if response.status_code == 429 or h.get("x-rate-limit-remaining") == "0":
-            until = h.get("x-rate-limit-reset")
-        if h.get("x-user-limit-24hour-remaining") == "0":
-            until = h.get("x-user-limit-24hour-reset") or until
+            resets.append(h.get("x-rate-limit-reset"))
+        for scope in ("user", "app"):  # the 24-hour windows of POST /2/tweets: the bot's and the whole app's
+            if h.get(f"x-{scope}-limit-24hour-remaining") == "0":
+                resets.append(h.get(f"x-{scope}-limit-24hour-reset"))
+        until = max((int(r) for r in resets if r is not None and r.isdigit()), default=None)
         with self._blocked_lock:
-            if until is not None and until.isdigit():
+            if until is not None:
                 self._blocked[route] = float(until) + 1.0  # reset is in whole seconds: keep a margin
             elif response.status_code != 429:
                 self._blocked.pop(route, None)
@@ -187,7 +200,7 @@ class XPlatform:
         """(user id, handle) of the bot account: from the settings, else ``GET /2/users/me`` once."""
         if self._bot is None:
             me = self.client.get_me(user_auth=True).data
-            self._bot = (self.cfg.bot_user_id or str(me.id), self.cfg.bot_username or me.username)
+            self._bot = (self.cfg.bot_user_id.strip() or str(me.id), _handle(self.cfg.bot_username) or me.username)
         return self._bot
 
     # ---- lifecycle (IntakeSource) ---------------------------------------------------------
@@ -231,6 +244,7 @@ class XPlatform:
             _log.warning("X: cannot look up the bot account: %s", exc)
             return 0
         since = self.queue.get_cursor(CURSOR)
+        read_from = _overlapped(since)
         tweets: dict[int, Any] = {}
         users: dict[str, Any] = {}
         newest: int | None = None
@@ -238,8 +252,11 @@ class XPlatform:
         token: str | None = None
         try:
             while True:
-                page = self.client.get_users_mentions(bot_id, since_id=since, pagination_token=token,
+                page = self.client.get_users_mentions(bot_id, since_id=read_from, pagination_token=token,
                                                       **MENTION_PARAMS)
+                if not page.data and page.errors:  # e.g. a bot_user_id X does not know: say so
+                    _log.warning("X: cannot read the mentions of user %s: %s", bot_id,
+                                 "; ".join(_error_text(e) for e in page.errors))
                 for t in page.data or []:
                     tweets[int(t.id)] = t
                 for u in (page.includes or {}).get("users", []):
@@ -256,8 +273,12 @@ class XPlatform:
             _log.warning("X: mentions rate-limited until %s", exc.reset_time)
         except (tweepy.TweepyException, requests.RequestException) as exc:
             _log.warning("X: polling mentions failed: %s", exc)
+        # A mention edited before it was stored comes with its newer version: only the newest is the
+        # request (the prompt as its author corrected it, and the post to reply to).
+        superseded = {tid for tid, t in tweets.items()
+                      if any(int(v) > tid and int(v) in tweets for v in (t.edit_history_tweet_ids or ()))}
         events = [e for tid in sorted(tweets)  # oldest first: the queue serves in arrival order
-                  if (e := self._event(tweets[tid], users, bot_id, bot_name)) is not None]
+                  if tid not in superseded and (e := self._event(tweets[tid], users, bot_id, bot_name)) is not None]
         stored = 0
         for start in range(0, len(events), ADMIT_BATCH):
             for adm in admit_many(self.queue, events[start:start + ADMIT_BATCH], max_chars=self.max_prompt_chars,
@@ -278,14 +299,15 @@ class XPlatform:
         if any(r.type == "retweeted" for r in refs):
             return None
         text = tweet.text or ""
-        if not texts.mentions_in_display(text, tweet.display_text_range, bot_name):
+        shown = tweet.display_text_range
+        if not (_names_in_display(tweet, bot_id) or texts.mentions_in_display(text, shown, bot_name)):
             return None
         history = tweet.edit_history_tweet_ids or [tweet.id]
         author = users.get(author_id)
         return IntakeEvent(
             platform=self.name, external_id=str(history[0]), author_id=author_id,
             author_name=getattr(author, "username", "") or "",
-            prompt_raw=texts.extract_x_prompt(text, tweet.display_text_range),
+            prompt_raw=_without_bot(texts.extract_x_prompt(text, shown), tweet, bot_id, bot_name),
             channel_id=str(tweet.conversation_id) if tweet.conversation_id else None,
             n_images=self.cfg.images, options={"reply_to": str(tweet.id)},
         )
@@ -335,6 +357,11 @@ class XPlatform:
             _log.warning("X: refusal not sent, will try again later: %s", exc, extra={"request_id": req.id})
             return False  # still owed
         except tweepy.TweepyException as exc:  # refused for good (a deleted post, ...)
+            if isinstance(exc, tweepy.Forbidden) and "duplicate content" in "; ".join(exc.api_messages):
+                # its text carries the request id: it went out at a try X acted on without answering
+                audit(self.queue.db, request_id=req.id, actor=actor, action="refusal_posted",
+                      reason="posted before (X calls this reply a duplicate)", clock=self.queue.clock)
+                return True
             self.refusals.give_back()  # nothing was posted
             audit(self.queue.db, request_id=req.id, actor=actor, action="refusal_failed", reason=str(exc)[:500],
                   clock=self.queue.clock)
@@ -396,17 +423,27 @@ class XPlatform:
             raise DeliveryError("the daily X posting budget is spent", retry_after=self.posts.seconds_to_reset())
         reply_to = str(request.options.get("reply_to") or request.external_id)
         try:
+            wait = self.wait_needed("post")
+            if wait > self.cfg.max_rate_limit_wait:  # known before uploading: spend no upload on it
+                raise DeliveryError(f"X rate limit on post: resets in {wait:.0f}s", retry_after=wait)
             payloads = self._images(images)
             media_ids = [self._call("upload", upload_image_for_client, self.client, data).id for data in payloads]
             resp = self._call("post", self.client.create_tweet, text=texts.x_result(request.id, len(images[:4]),
                                                                                     request.seed),
                               in_reply_to_tweet_id=reply_to, media_ids=media_ids)
-        except _DuplicateContent as exc:  # posted before a crash: find that reply
-            found = self.find_delivery(request)
+        except _DuplicateContent as exc:  # posted before (a crash, or X acted on a try it did not answer)
+            try:
+                found = self.find_delivery(request)
+            except BaseException:
+                self.posts.give_back()
+                raise
             if found is not None:
                 return found
             self.posts.give_back()
-            raise DeliveryError(f"X refused the reply as duplicate content: {exc}", permanent=True) from exc
+            # The text carries the request id: that reply exists. X lists a new post among the bot's
+            # only after a moment, so this is a try to repeat (with backoff), not a failure for good.
+            raise DeliveryError(f"X says this reply was posted already ({exc}), but it is not among the bot's "
+                                "posts yet") from exc
         except BaseException:
             self.posts.give_back()  # nothing was posted: a failed try does not spend the budget
             raise
@@ -433,19 +470,63 @@ class XPlatform:
         return Delivery(reply_id=tweet_id, reply_url=f"https://x.com/{name}/status/{tweet_id}")
 
     def find_delivery(self, request: RequestRecord) -> Delivery | None:
-        """A reply with media to this mention among the bot's posts since the mention, if any."""
+        """A reply with media to this mention among the bot's posts since the mention, if any: every
+        page of them (a busy bot posts more than one page, 100, before a retry comes round)."""
         reply_to = str(request.options.get("reply_to") or request.external_id)
-        try:
-            bot_id, _ = self.bot_identity()
-            resp = self._call("timeline", self.client.get_users_tweets, bot_id, since_id=reply_to, max_results=100,
-                              tweet_fields=["referenced_tweets", "attachments"], user_auth=True)
-        except _DuplicateContent:  # not raised by reads
-            return None
-        for t in resp.data or []:
-            replied = any(r.type == "replied_to" and str(r.id) == reply_to for r in (t.referenced_tweets or []))
-            if replied and (t.attachments or {}).get("media_keys"):
-                return self._delivery(str(t.id))
+        token: str | None = None
+        for _ in range(TIMELINE_PAGES):
+            try:
+                bot_id, _ = self.bot_identity()
+                resp = self._call("timeline", self.client.get_users_tweets, bot_id, since_id=reply_to,
+                                  max_results=100, pagination_token=token,
+                                  tweet_fields=["referenced_tweets", "attachments"], user_auth=True)
+            except _DuplicateContent:  # not raised by reads
+                return None
+            for t in resp.data or []:
+                replied = any(r.type == "replied_to" and str(r.id) == reply_to for r in (t.referenced_tweets or []))
+                if replied and (t.attachments or {}).get("media_keys"):
+                    return self._delivery(str(t.id))
+            token = (resp.meta or {}).get("next_token")
+            if not token:
+                break
         return None
+
+
+def _names_in_display(tweet: Any, user_id: str) -> bool:
+    """Whether a mention entity of account ``user_id`` is in the displayed text (not in X's reply
+    prefix): by id, so a renamed bot account (or a handle misspelt in the settings) still counts."""
+    rng = tweet.display_text_range
+    start = int(rng[0]) if rng and len(rng) == 2 else 0
+    mentions = (tweet.entities or {}).get("mentions") or []
+    return any(str(m.get("id")) == user_id and int(m.get("start", -1)) >= start for m in mentions)
+
+
+def _without_bot(prompt: str, tweet: Any, bot_id: str, bot_name: str) -> str:
+    """``prompt`` without @mentions of the bot anywhere in it ("a red fox @bot" is a red fox): the
+    handle would go to the model as words, and count against the prompt's length."""
+    names = {bot_name} | {str(m.get("username")) for m in (tweet.entities or {}).get("mentions") or []
+                          if str(m.get("id")) == bot_id and m.get("username")}
+    pattern = "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
+    return re.sub(rf"(?i)\s*(?<![\w@])[@\uff20](?:{pattern})\b", "", prompt).strip()
+
+
+def _handle(name: str) -> str:
+    """The bot's handle as X spells it in mentions: without a leading @ (as people write it)."""
+    return name.strip().lstrip("@\uff20")
+
+
+def _error_text(error: Any) -> str:
+    """One error object of an X response (a partial error: HTTP 200 with ``errors``) as text."""
+    if isinstance(error, dict):
+        return str(error.get("detail") or error.get("message") or error.get("title") or error)
+    return str(error)
+
+
+def _overlapped(since: str | None) -> str | None:
+    """The ``since_id`` of a round: :data:`CURSOR_OVERLAP_SECONDS` before the cursor ``since``."""
+    if since is None:
+        return None
+    return str(max(1, int(since) - (int(CURSOR_OVERLAP_SECONDS * 1000) << 22)))
 
 
 class _PostBudget:

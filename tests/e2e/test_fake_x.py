@@ -302,3 +302,23 @@ def test_wait_for_sees_requests_from_other_threads(fake: FakeX, client: tweepy.C
     request = fake.wait_for(lambda f: f.requests_to("GET /2/users/:id/mentions"), timeout=5)
     worker.join(5)
     assert request[0].status == 200
+
+
+def test_daily_limits_send_24_hour_headers_and_a_429_when_spent(clock: Clock) -> None:
+    with FakeX(clock=clock, daily_limits={"POST /2/tweets": (3, 2)}) as fake:
+        raw = tweepy.Client(**fake.credentials(), return_type=requests.Response)
+        mount_fake_x(raw.session, fake.base_url)
+        mention = fake.add_mention(fake.add_user("alice"), "a red fox")
+        with raw.session:
+            first = raw.create_tweet(text="one", in_reply_to_tweet_id=mention.id)
+            assert (first.headers["x-user-limit-24hour-remaining"], first.headers["x-app-limit-24hour-remaining"]) \
+                == ("2", "1")
+            raw.create_tweet(text="two", in_reply_to_tweet_id=mention.id)
+            with pytest.raises(tweepy.TooManyRequests) as caught:  # the app's day is spent, not the user's
+                raw.create_tweet(text="three", in_reply_to_tweet_id=mention.id)
+            h = caught.value.response.headers
+            assert h["x-app-limit-24hour-remaining"] == "0" and h["x-user-limit-24hour-remaining"] == "1"
+            assert int(h["x-app-limit-24hour-reset"]) == int(clock.now + 24 * 3600)
+            assert int(h["x-rate-limit-remaining"]) > 0  # the 15-minute window has requests left
+            clock.now += 24 * 3600 + 1
+            assert raw.create_tweet(text="three", in_reply_to_tweet_id=mention.id).status_code == 201
