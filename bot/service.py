@@ -47,6 +47,31 @@ STOP_TIMEOUT_SECONDS = 60.0
 METRICS_PATHS = frozenset({"/healthz", "/metrics"})
 
 
+class _QuietTicks(logging.Filter):
+    """APScheduler's chatter about every tick of the 1 s interval jobs, dropped unless DEBUG is on:
+    "skipped: maximum number of running instances reached" (a WARNING each second for as long as a
+    generate or deliver run is busy, which is how those jobs work: one run drains while there is
+    work, max_instances=1 skips the ticks meanwhile) and the executor's "Running job" / "executed
+    successfully" lines (several a second at INFO while the queue is idle). Errors still get through."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if logging.getLogger("apscheduler").isEnabledFor(logging.DEBUG):
+            return True
+        if record.name == "apscheduler.scheduler":
+            return "maximum number of running instances" not in str(record.msg)
+        return record.levelno > logging.INFO
+
+
+_QUIET_TICKS = _QuietTicks()
+
+
+def _quiet_scheduler_ticks() -> None:
+    for name in ("apscheduler.scheduler", "apscheduler.executors.default"):
+        logger = logging.getLogger(name)
+        if _QUIET_TICKS not in logger.filters:
+            logger.addFilter(_QUIET_TICKS)
+
+
 class ServiceError(Exception):
     """The service cannot start for a reason the operator can fix (e.g. the port is in use)."""
 
@@ -224,6 +249,7 @@ class Service:
         sock = self.sock or (bind_socket(self.host, self.port) if listens(self.roles) else None)
         if sock is not None:
             self.port = sock.getsockname()[1]  # port 0: the one the system chose
+        _quiet_scheduler_ticks()
         scheduler = AsyncIOScheduler()
         started: list[IntakeSource] = []
         server_task: asyncio.Task[None] | None = None

@@ -8,14 +8,16 @@ worker loses it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import random
+import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +65,30 @@ class LeaseKeeper:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def _remove_files(paths: Sequence[str]) -> None:
+    for p in paths:
+        with contextlib.suppress(OSError):
+            os.unlink(p)
+
+
+def _remove_others(folder: Path, keep: Sequence[str]) -> None:
+    """Delete the image files in a request's folder that are not ``keep`` (best effort)."""
+    kept = {Path(p).name for p in keep if Path(p).parent == folder}
+    try:
+        others = [p for p in folder.iterdir() if p.is_file() and p.suffix == ".png" and p.name not in kept]
+    except OSError:
+        return
+    _remove_files([str(p) for p in others])
+
+
+@dataclass(frozen=True, slots=True)
+class _RunFailed:
+    """A request whose model run failed (on its own too): a failed attempt, retried with backoff.
+    (An exception *returned* by the generator is different: that request can never be generated.)"""
+
+    error: Exception
 
 
 @dataclass
@@ -142,7 +168,7 @@ class Worker:
         try:
             with LeaseKeeper(self.queue, claim, max(1.0, self.queue.policy.lease_seconds / 3)), \
                     self.metrics.generate_seconds.time():
-                images = self.generator.generate(jobs)
+                images = self._run_model(claim, jobs)
         except Exception as exc:  # the model failed for the whole batch: every request retries
             _log.exception("generation failed for batch %s", claim.ids)
             self.metrics.failures.labels(reason="generation_error").inc(len(claim))
@@ -153,10 +179,21 @@ class Worker:
                 except LeaseLost:
                     self.stats.lost += 1
             return len(claim)
+        # This run's own file names: a worker that stalled past its lease (and so will not be
+        # recorded) must not overwrite the images of the worker that took the request over.
+        run = secrets.token_hex(4)
         results = []
         for r, job, imgs in zip(claim.requests, jobs, images, strict=True):
+            if isinstance(imgs, _RunFailed):  # failed on its own as well: this request retries
+                self.metrics.failures.labels(reason="generation_error").inc()
+                try:
+                    self.queue.fail(claim, r.id, f"generation failed: {imgs.error}")
+                    self.stats.failed += 1
+                except LeaseLost:
+                    self.stats.lost += 1
+                continue
             with log_context(request_id=r.id):
-                result = self._save(claim, r, job, imgs)
+                result = self._save(claim, r, job, imgs, run)
             if result is not None:
                 results.append(result)
         recorded = set(self.queue.complete_many(claim, results))  # the batch in one statement
@@ -165,7 +202,11 @@ class Worker:
                 self.stats.lost += 1
                 _log.warning("%s", LeaseLost.for_request(g.request_id, Status.RUNNING),
                              extra={"request_id": g.request_id})
+                _remove_files(g.image_paths)  # nobody will ever read them
                 continue
+            # files of earlier attempts (a worker killed after writing, a regeneration) are no
+            # longer referenced by anything: only the recorded ones stay (and prune deletes those)
+            _remove_others(self.images_dir / str(g.request_id), g.image_paths)
             self.stats.generated += 1
             self.metrics.images.inc(len(g.image_paths))
             if g.hold_reason:
@@ -174,9 +215,29 @@ class Worker:
                       extra={"request_id": g.request_id, "action": g.action})
         return len(claim)
 
-    def _save(self, claim: Claim, r: RequestRecord, job: GenerationJob, imgs: list[Image.Image] | Exception
-              ) -> Generated | None:
-        """Save and check one request's images; None when it failed for good (recorded here)."""
+    def _run_model(self, claim: Claim, jobs: list[GenerationJob]) -> list[list[Image.Image] | Exception | _RunFailed]:
+        """One batched model run; when it fails as a whole, each request is run on its own, so that
+        one request that breaks the run (or a batch too big for the device) does not fail the
+        others with it at every retry until all of them are dead."""
+        try:
+            return self.generator.generate(jobs)
+        except Exception:
+            if len(jobs) == 1:
+                raise
+            _log.exception("generation failed for batch %s; generating its requests one at a time", claim.ids)
+        out: list[list[Image.Image] | Exception | _RunFailed] = []
+        for r, job in zip(claim.requests, jobs, strict=True):
+            try:
+                out += self.generator.generate([job])
+            except Exception as exc:
+                _log.exception("generation failed", extra={"request_id": r.id})
+                out.append(_RunFailed(exc))
+        return out
+
+    def _save(self, claim: Claim, r: RequestRecord, job: GenerationJob, imgs: list[Image.Image] | Exception,
+              run: str) -> Generated | None:
+        """Save (as ``<id>/<k>-<run>.png``) and check one request's images; None when it failed
+        (recorded here)."""
         if isinstance(imgs, Exception):  # this request can never be generated
             self.metrics.failures.labels(reason="prompt_unreadable").inc()
             try:
@@ -186,12 +247,23 @@ class Worker:
                 self.stats.lost += 1
             return None
         folder = self.images_dir / str(r.id)
-        folder.mkdir(parents=True, exist_ok=True)
         paths = []
-        for k, img in enumerate(imgs):
-            p = folder / f"{k}.png"
-            img.save(p, format="PNG")
-            paths.append(str(p))
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            for k, img in enumerate(imgs):
+                p = folder / f"{k}-{run}.png"
+                img.save(p, format="PNG")
+                paths.append(str(p))
+        except Exception as exc:  # a local fault (full disk, a file in the way): this request retries
+            # with backoff (then dead); the rest of the batch is recorded, not left to lease expiry
+            _log.exception("saving the images failed", extra={"request_id": r.id})
+            self.metrics.failures.labels(reason="save_error").inc()
+            try:
+                self.queue.fail(claim, r.id, f"cannot save the images: {exc!r}"[:500])
+                self.stats.failed += 1
+            except LeaseLost:
+                self.stats.lost += 1
+            return None
         scores: list[float] = []
         hold_reason = None
         if self.classifier is not None:
@@ -207,14 +279,27 @@ class Worker:
 
     def deliver_batch(self) -> int:
         claim = self.queue.claim_deliveries(self.owner, self.batch_size, platforms=list(self.platforms))
+        if not claim.requests:
+            return 0
         try:
-            for r in claim.requests:
-                with log_context(request_id=r.id):
-                    self._deliver_one(claim, r)
+            self._deliver_claimed(claim, claim.requests)
         except DatabaseUnavailable:
             self._stranded.append(("deliver", claim))
             raise
         return len(claim)
+
+    def _deliver_claimed(self, claim: Claim, requests: Sequence[RequestRecord]) -> None:
+        """Deliver a claim's requests one after the other, its lease renewed all along (a slow
+        platform on the first must not let the lease of the last expire, or another worker would
+        take it and post it too); a request the claim no longer owns is left to its new owner."""
+        with LeaseKeeper(self.queue, claim, max(1.0, self.queue.policy.lease_seconds / 3)) as keeper:
+            for r in requests:
+                if r.id not in keeper.owned:
+                    self.stats.lost += 1
+                    _log.warning("%s", LeaseLost.for_request(r.id, Status.POSTING), extra={"request_id": r.id})
+                    continue
+                with log_context(request_id=r.id):
+                    self._deliver_one(claim, r)
 
     def resume_stranded(self) -> None:
         """After a database outage, settle the claims that were in flight when it went away: a
@@ -231,22 +316,32 @@ class Worker:
             # has re-claimed meanwhile (as recovering) must not be posted from here too.
             owned = self.queue.renew(claim)
             again = dataclasses.replace(claim, recovering=frozenset(claim.ids))
+            todo = []
             for r in claim.requests:
                 if r.id not in owned:
                     continue
                 cur = self.queue.get(r.id)
                 if cur.status == Status.POSTING and cur.lease_token == claim.token:
-                    with log_context(request_id=r.id):
-                        self._deliver_one(again, cur)
+                    todo.append(cur)
+            self._deliver_claimed(again, todo)
             self._stranded.pop(0)
 
     def _deliver_one(self, claim: Claim, r: RequestRecord) -> None:
         """Post one request's result (or, after a crash mid-post, find the reply already there)."""
         platform = self.platforms[r.platform]
+        # Whether the reply may be out without the platform having said so: a recovery (a crash
+        # mid-post) until the platform has been asked. A failure meanwhile keeps it a recovery.
+        unknown = r.id in claim.recovering
         try:
             with self.metrics.post_seconds.labels(platform=r.platform).time():
                 try:
-                    found = platform.find_delivery(r) if r.id in claim.recovering else None
+                    found = None
+                    if unknown:
+                        found = platform.find_delivery(r)
+                        unknown = False
+                    if found is None and r.id in claim.final:  # out of attempts: nothing more is posted
+                        raise DeliveryError("the delivery lease expired on the last attempt and no reply was "
+                                            "found on the platform")
                     delivery = found or self._post(claim, platform, r)
                 except (DeliveryError, LeaseLost, DatabaseUnavailable):
                     raise
@@ -268,7 +363,7 @@ class Worker:
                 reason="delivery_permanent" if exc.permanent else "delivery_transient").inc()
             try:
                 self.queue.delivery_failed(claim, r.id, str(exc), permanent=exc.permanent,
-                                           retry_after=exc.retry_after)
+                                           retry_after=exc.retry_after, posted_unknown=unknown)
             except LeaseLost:
                 self.stats.lost += 1
         except LeaseLost:
@@ -298,11 +393,11 @@ class Worker:
             _log.warning("delivery failed (%s); retrying in %.1fs", exc, state.upcoming_sleep)
 
         paths = [Path(p) for p in r.image_paths]
-        with LeaseKeeper(self.queue, claim, max(1.0, self.queue.policy.lease_seconds / 3)):
-            for attempt in tenacity.Retrying(retry=tenacity.retry_if_exception(transient), wait=wait, stop=stop,
-                                             sleep=self.sleep, before_sleep=log_retry, reraise=True):
-                with attempt:
-                    return platform.deliver(r, paths)
+        # (the caller, _deliver_claimed, keeps the claim's lease renewed meanwhile)
+        for attempt in tenacity.Retrying(retry=tenacity.retry_if_exception(transient), wait=wait, stop=stop,
+                                         sleep=self.sleep, before_sleep=log_retry, reraise=True):
+            with attempt:
+                return platform.deliver(r, paths)
         raise AssertionError("unreachable")  # pragma: no cover
 
     # ---- drain ----------------------------------------------------------------------------

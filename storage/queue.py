@@ -20,6 +20,8 @@ Delivery
     :meth:`Queue.claim_deliveries` moves ``generated`` requests to ``posting`` (intent recorded before
     the platform is called) and also re-claims ``posting`` requests whose lease expired; those are
     flagged in :attr:`Claim.recovering` so the deliverer checks the platform before posting again.
+    A recovery that could not ask the platform stays ``posting`` (no holder, its lease expiring at
+    the retry time), so the retry is a recovery again (:meth:`delivery_failed`).
 
 Every state change writes an audit row (the queue log) in the same transaction.
 """
@@ -29,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import math
 import random
 import secrets
 from collections.abc import Callable, Iterator, Sequence
@@ -321,7 +324,7 @@ class Queue:
         action: str,
         reason: str | None = None,
     ) -> RequestRecord:
-        assert states.allowed(expected, target), (expected, target)
+        assert target == expected or states.allowed(expected, target), (expected, target)
         stmt = (
             update(R)
             .where(R.c.id == request_id, R.c.status == expected.value, R.c.lease_token == claim.token)
@@ -363,7 +366,7 @@ class Queue:
         if not self.db.is_sqlite:
             done = {row[0] for row in self.db.run_prepared(_PG_COMPLETE, dict(
                 ids=[g.request_id for g in results], paths=[json.dumps(list(g.image_paths)) for g in results],
-                scores=[json.dumps([float(x) for x in g.nsfw_scores]) for g in results],
+                scores=[json.dumps(_scores(g)) for g in results],
                 statuses=[g.status.value for g in results], actions=[g.action for g in results],
                 holds=[g.hold_reason for g in results], seeds=[g.seed for g in results],
                 now=now, token=claim.token, actor=actor))}
@@ -376,7 +379,7 @@ class Queue:
             if todo:
                 conn.execute(_SQLITE_COMPLETE, [
                     {"rid": g.request_id, "to": g.status.value, "paths": list(g.image_paths),
-                     "scores": [float(x) for x in g.nsfw_scores], "new_seed": g.seed, "now": now} for g in todo])
+                     "scores": _scores(g), "new_seed": g.seed, "now": now} for g in todo])
                 self._audit(conn, [
                     {"request_id": g.request_id, "actor": actor, "action": g.action,
                      "from_status": S.RUNNING.value, "to_status": g.status.value, "reason": g.hold_reason}
@@ -391,7 +394,7 @@ class Queue:
 
     def _retry_or_end(
         self, conn: Connection, claim: Claim, cur: RequestRecord, expected: Status, error: str,
-        permanent: bool, retry_after: float | None = None,
+        permanent: bool, retry_after: float | None = None, posted_unknown: bool = False,
     ) -> RequestRecord:
         now = self.clock()
         clear = dict(lease_owner=None, lease_token=None, lease_expires_at=None, error=error[:2000])
@@ -399,20 +402,28 @@ class Queue:
             return self._fenced(conn, claim, cur.id, expected, S.FAILED, dict(clear, finished_at=now),
                                 action="failed", reason=error)
         back = S.QUEUED if expected == S.RUNNING else S.GENERATED
+        if posted_unknown and expected == S.POSTING:
+            # Nobody knows whether the reply is out (the platform could not be asked after a crash
+            # mid-post): the request stays `posting`, unleased, its lease "expiring" at the retry
+            # time, so that the next claim is a recovery again and asks the platform before posting.
+            back = S.POSTING
+
+        def when(seconds: float) -> dict[str, Any]:
+            at = now + dt.timedelta(seconds=seconds)
+            return dict(lease_expires_at=at) if back == S.POSTING else dict(run_at=at)
+
         if retry_after is not None:
             # The platform said when to come back (rate limit, spent budget): waiting is not a
             # failure, so the attempt is given back and no number of such waits makes it dead.
             return self._fenced(conn, claim, cur.id, expected, back,
-                                dict(clear, attempts=max(0, cur.attempts - 1),
-                                     run_at=now + dt.timedelta(seconds=retry_after)),
+                                dict(clear, attempts=max(0, cur.attempts - 1), **when(retry_after)),
                                 action="retry", reason=f"{error} (come back in {retry_after:.0f}s)")
         if cur.attempts >= cur.max_attempts:
             return self._fenced(conn, claim, cur.id, expected, S.DEAD, dict(clear, finished_at=now),
                                 action="dead", reason=f"out of attempts ({cur.attempts}): {error}")
         delay = backoff_seconds(cur.attempts, self.policy.retry_base_seconds, self.policy.retry_max_seconds,
                                 self.rng.random())
-        return self._fenced(conn, claim, cur.id, expected, back,
-                            dict(clear, run_at=now + dt.timedelta(seconds=delay)),
+        return self._fenced(conn, claim, cur.id, expected, back, dict(clear, **when(delay)),
                             action="retry", reason=f"{error} (retry in {delay:.0f}s)")
 
     def release(self, claim: Claim, reason: str = "worker shutting down") -> int:
@@ -481,9 +492,13 @@ class Queue:
             pick = pick.with_for_update(skip_locked=True)
         with self._write() as conn:
             picked = conn.execute(pick).all()
-            # A delivery whose lease keeps expiring (the process posting it crashes or hangs every
-            # time) ends as dead once out of attempts, instead of being re-claimed for ever.
-            spent = [p.id for p in picked if p.status == S.POSTING.value and p.attempts >= p.max_attempts]
+            # A delivery whose lease expired on its last attempt (the process posting it died, maybe
+            # after the platform took the reply) gets one last look on the platform, nothing more:
+            # posted if the reply is there, dead if not. One whose last look expired too (the process
+            # crashes or hangs every time) ends as dead, instead of being re-claimed for ever.
+            out = [p.id for p in picked if p.status == S.POSTING.value and p.attempts >= p.max_attempts]
+            spent = [rid for rid in out if self._last_delivery_step(conn, rid) == "last_check"]
+            final = frozenset(out) - set(spent)
             if spent:
                 conn.execute(update(R).where(R.c.id.in_(spent)).values(
                     status=S.DEAD.value, lease_owner=None, lease_token=None, lease_expires_at=None,
@@ -507,13 +522,24 @@ class Queue:
             recs = tuple(sorted((RequestRecord.from_row(r) for r in rows), key=lambda r: r.id))
             self._audit(conn, [
                 {"request_id": r.id, "actor": f"worker:{owner}",
-                 "action": "recovering" if r.id in recovering else "posting",
+                 "action": "last_check" if r.id in final else "recovering" if r.id in recovering else "posting",
                  "from_status": (S.POSTING if r.id in recovering else S.GENERATED).value,
                  "to_status": S.POSTING.value,
-                 "reason": "earlier delivery lease expired: check the platform before posting" if r.id in recovering else None}
+                 "reason": "out of attempts and the delivery lease expired: look for the reply on the platform, "
+                           "post nothing" if r.id in final else
+                           "earlier delivery lease expired: check the platform before posting" if r.id in recovering
+                           else None}
                 for r in recs
             ])
-        return Claim(owner, token, expires, recs, recovering)
+        return Claim(owner, token, expires, recs, recovering, final)
+
+    @staticmethod
+    def _last_delivery_step(conn: Connection, request_id: int) -> str | None:
+        """The queue-log action of the request's latest delivery claim (or retry)."""
+        return conn.execute(
+            select(A.c.action).where(A.c.request_id == request_id,
+                                     A.c.action.in_(["posting", "recovering", "last_check", "retry"]))
+            .order_by(A.c.id.desc()).limit(1)).scalar_one_or_none()
 
     def mark_posted(self, claim: Claim, request_id: int, reply_id: str | None, reply_url: str | None = None) -> RequestRecord:
         now = self.clock()
@@ -526,11 +552,16 @@ class Queue:
             )
 
     def delivery_failed(
-        self, claim: Claim, request_id: int, error: str, *, permanent: bool = False, retry_after: float | None = None
+        self, claim: Claim, request_id: int, error: str, *, permanent: bool = False, retry_after: float | None = None,
+        posted_unknown: bool = False,
     ) -> RequestRecord:
+        """A delivery attempt failed: back to ``generated`` for a retry with backoff (or after
+        ``retry_after``), or ``failed``/``dead``. ``posted_unknown``: the reply may be out already
+        (a recovery could not ask the platform), so the retry is a recovery again (see
+        :meth:`claim_deliveries`), still ``posting``."""
         with self._write() as conn:
             cur = self._one(conn, request_id)
-            return self._retry_or_end(conn, claim, cur, S.POSTING, error, permanent, retry_after)
+            return self._retry_or_end(conn, claim, cur, S.POSTING, error, permanent, retry_after, posted_unknown)
 
     # ---- moderation -----------------------------------------------------------------------
 
@@ -713,8 +744,12 @@ class Queue:
         with self._read() as conn:
             queued_now = conn.execute(select(func.count()).select_from(R).where(
                 R.c.status == S.QUEUED.value, R.c.run_at <= now)).scalar_one()
-            next_run = conn.execute(select(func.min(R.c.run_at)).where(
-                sa.or_(R.c.status == S.QUEUED.value, sa.and_(R.c.status == S.GENERATED.value, ours)))).scalar_one()
+            # a recovery waiting to ask the platform again is `posting` with no lease holder: its
+            # retry time is its lease expiry (see :meth:`delivery_failed`)
+            recheck = sa.and_(R.c.status == S.POSTING.value, R.c.lease_token.is_(None), ours)
+            next_run = conn.execute(select(func.min(sa.case((recheck, R.c.lease_expires_at), else_=R.c.run_at))).where(
+                sa.or_(R.c.status == S.QUEUED.value, sa.and_(R.c.status == S.GENERATED.value, ours),
+                       recheck))).scalar_one()
             deliverable = conn.execute(select(func.count()).select_from(R).where(ours,
                 sa.or_(sa.and_(R.c.status == S.GENERATED.value, R.c.run_at <= now),
                        sa.and_(R.c.status == S.POSTING.value, R.c.lease_expires_at < now)))).scalar_one()
@@ -742,6 +777,13 @@ class Queue:
 # A moderation's queue-log action -> the verb of its error message ("cannot reject request 5: ...").
 _MODERATION_VERBS = {"approved": "approve", "rejected": "reject", "held": "hold", "cancelled": "cancel",
                      "requeued": "requeue"}
+
+
+def _scores(g: Generated) -> list[float]:
+    """The NSFW scores to store: all of them, or none when one is not a finite number (JSON, and so
+    PostgreSQL's json type, has no NaN or Infinity; such a result is held, its reason says why)."""
+    scores = [float(x) for x in g.nsfw_scores]
+    return scores if all(math.isfinite(x) for x in scores) else []
 
 
 def _as_sql(value: Any) -> Any:

@@ -197,6 +197,9 @@ class Claim:
     # For delivery claims: ids that were already `posting` under an earlier (expired) lease, so the
     # deliverer must first check the platform for a reply it may already have posted.
     recovering: frozenset[int] = frozenset()
+    # Of those, ids out of attempts: the platform is only asked for the reply (posted when it is
+    # there, dead when not), nothing is posted any more.
+    final: frozenset[int] = frozenset()
 
     @property
     def ids(self) -> list[int]:

@@ -11,7 +11,9 @@
     rejected    cancelled      approve ► generated / queued;  reject ► rejected
                                running/posting out of attempts ► dead;  permanent error ► failed
 
-Moderators may requeue failed, dead, cancelled and rejected requests.
+Moderators may requeue failed, dead, cancelled and rejected requests. A delivery that may already
+have been posted (a crash mid-post) and whose platform could not be asked stays ``posting``, unleased
+until its retry, so that it is checked on the platform before it is posted again.
 """
 
 from __future__ import annotations
