@@ -77,7 +77,7 @@ def open_app(settings: Settings, *, auto_upgrade: bool | None = None, check_sche
     platforms: dict[str, Platform] = {}
     prompt_filter = build_prompt_filter(settings.safety)
     if settings.local.enabled:
-        platforms["local"] = LocalPlatform(Path(settings.outbox_dir), prompt_filter=prompt_filter)
+        platforms["local"] = LocalPlatform(Path(settings.outbox_dir), prompt_filter=prompt_filter, metrics=metrics)
     if settings.x.enabled:
         from bot.platforms.x import XPlatform
 

@@ -392,7 +392,7 @@ def _url_ok(url: str, schemes: tuple[str, ...]) -> bool:
 
 
 def _platform_checks(s: Settings) -> list[tuple[bool, str, str]]:
-    x, d = s.x, s.discord
+    x, d, q = s.x, s.discord, s.queue
     return [
         (_url_ok(x.api_base_url, ("http", "https")), "x.api_base_url", "must be an http(s) URL or empty"),
         _between("x.poll_interval", x.poll_interval, 1, DAY, " (X allows one poll every 3 s at most)"),
@@ -413,6 +413,7 @@ def _platform_checks(s: Settings) -> list[tuple[bool, str, str]]:
         (all(len(e.split(":")) == 2 and all(p.isdigit() for p in e.split(":")) for e in d.allowed_channels),
          "discord.allowed_channels", 'entries must look like "guild_id:channel_id"'),
         (1 <= d.max_images <= 10, "discord.max_images", "must be between 1 and 10"),
+        (d.max_images <= q.max_images, "discord.max_images", "must be at most queue.max_images"),
         _between("discord.position_update_seconds", d.position_update_seconds, 1, 3600),
         (0 <= d.expiry_margin_seconds < 900, "discord.expiry_margin_seconds", "must be between 0 and 900"),
     ]

@@ -70,6 +70,7 @@ def test_config_env_var_names_the_file(tmp_path: Path) -> None:
         ("[data]\nimage_retention_days = nan\n", r"data\.image_retention_days in .*c\.toml must be a finite number"),
         ("[database]\npool_size = 0\n", r"database\.pool_size in .*c\.toml must be between 1 and"),
         ("[limits]\nqueue_cap = -1\n", r"limits\.queue_cap in .*c\.toml"),
+        ("[queue]\nmax_images = 2\ndefault_images = 1\n", r"discord\.max_images in .*c\.toml must be at most queue"),
     ],
 )
 def test_bad_config_names_the_key_and_file(tmp_path: Path, text: str, message: str) -> None:

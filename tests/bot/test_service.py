@@ -156,6 +156,45 @@ async def test_a_stop_that_times_out_leaves_the_claim_to_lease_expiry(
     assert app.queue.get(rid).status == Status.QUEUED  # the late generation could not overwrite it
 
 
+async def test_a_long_generation_does_not_log_a_warning_every_second(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The generate job ticks every second and keeps running while there is work: the ticks that
+    find it still running are expected (max_instances=1), not a warning each second in the logs."""
+    import dataclasses
+
+    from bot.app import open_app
+    from bot.config import load_settings
+    from bot.service import Service
+
+    caplog.set_level(logging.INFO)
+    settings = load_settings(env={"DALLEBOT_DATA_DIR": str(tmp_path)})
+    settings = dataclasses.replace(settings, safety=dataclasses.replace(settings.safety, nsfw_enabled=False))
+    app = open_app(settings)
+    generator = BlockedGenerator()
+    app.__dict__["generator"] = generator
+    rid = app.local.submit(app.queue, "a red circle", user="u1", n_images=1).request.id
+    service = Service(app, roles=("worker",), stop_timeout=30)
+    task = asyncio.create_task(service.run(handle_signals=False))
+    try:
+        assert await asyncio.to_thread(generator.started.wait, 20)
+        await asyncio.sleep(3.5)   # three or more ticks of the generate job while its run goes on
+        generator.release.set()
+        for _ in range(100):
+            if app.queue.get(rid).status == Status.POSTED:
+                break
+            await asyncio.sleep(0.1)
+        assert app.queue.get(rid).status == Status.POSTED
+        noisy = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert not [m for m in noisy if "maximum number of running instances" in m], noisy
+        ticks = [r.getMessage() for r in caplog.records if r.name.startswith("apscheduler.executors")]
+        assert ticks == [], ticks[:4]  # no "Running job" / "executed successfully" lines each second at INFO
+    finally:
+        generator.release.set()
+        service.stopping.set()
+        await asyncio.wait_for(asyncio.shield(task), 30)
+        app.close()
+
+
 # ---- the listener ----------------------------------------------------------------------------
 
 def free_port() -> int:
@@ -286,3 +325,15 @@ async def test_a_port_in_use_starts_no_adapter(fake: FakeDiscord, tmp_path: Path
         with pytest.raises(ServiceError, match=f"port {listening} is in use"):
             await asyncio.wait_for(service.run(handle_signals=False), TIMEOUT)
     assert fake.identifies == [] and fake.requests == []  # the Discord client never started
+
+
+def test_the_apps_local_platform_counts_its_prompt_filter_refusals_in_the_apps_metrics(tmp_path: Path) -> None:
+    """A refusal of the CLI/dashboard intake shows in the process's /metrics like X's and Discord's."""
+    from bot.app import open_app
+    from bot.config import DatabaseConfig, DataConfig, Settings
+
+    s = Settings(data=DataConfig(dir=str(tmp_path / "data")),
+                 database=DatabaseConfig(url=f"sqlite:///{tmp_path / 'queue.sqlite3'}"))
+    with open_app(s, auto_upgrade=True) as app:
+        app.local.submit(app.queue, "a nude figure", user="u1")
+        assert app.metrics.registry.get_sample_value("dallebot_refusals_total", {"reason": "prompt_filter"}) == 1
