@@ -41,6 +41,7 @@ from sqlalchemy import delete, func, insert, select, update
 from storage.db import Database
 from storage.errors import NotFound, StorageError
 from storage.models import COUNTED_LOG, AuditEntry, LoginAttempt, Moderator, ModeratorSession, Request, Switch, utcnow
+from storage.records import AuditRecord
 
 M = Moderator.__table__
 MS = ModeratorSession.__table__
@@ -49,7 +50,7 @@ SW = Switch.__table__
 A = AuditEntry.__table__
 R = Request.__table__
 
-NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MIN_PASSWORD_CHARS = 8
 
 INTAKE_PAUSED = "intake_paused"
@@ -161,7 +162,7 @@ class Moderators:
     # accounts
 
     def add(self, name: str, password: str, *, actor: str) -> ModeratorRecord:
-        if not NAME_RE.match(name):
+        if not NAME_RE.fullmatch(name):  # match(): "$" also matches before a final newline
             raise BadCredentials("a moderator name is 1-64 letters, digits, '.', '_' or '-'")
         if len(password) < MIN_PASSWORD_CHARS:
             raise BadCredentials(f"the password must have at least {MIN_PASSWORD_CHARS} characters")
@@ -285,8 +286,10 @@ class Moderators:
                                            last_seen_at=now, expires_at=now + self.session_lifetime, flash=flash))
         return token
 
-    def session(self, token: str) -> SessionRecord | None:
-        """The live session for ``token``, or None (unknown, expired or idle too long)."""
+    def session(self, token: str, *, touch: bool = True) -> SessionRecord | None:
+        """The live session for ``token``, or None (unknown, expired or idle too long). ``touch``:
+        this request is the moderator's doing, so the idle timer restarts; a page's background poll
+        passes False, or an unattended open page would keep its session alive until ``lifetime``."""
         now = self.clock()
         sid = token_hash(token)
         with self.db.read.connect() as conn:
@@ -298,7 +301,7 @@ class Moderators:
             ).first()
         if row is None or row.expires_at <= now or row.last_seen_at + self.session_idle <= now:
             return None
-        if now - row.last_seen_at > dt.timedelta(seconds=60):  # one write a minute, not one per request
+        if touch and now - row.last_seen_at > dt.timedelta(seconds=60):  # one write a minute, not one per request
             with self.db.write.begin() as conn:
                 conn.execute(update(MS).where(MS.c.id == sid).values(last_seen_at=now))
         mod = ModeratorRecord(row.mid, row.name, row.created_at, row.last_login_at)
@@ -339,6 +342,11 @@ class Switches:
             raise ValueError(f"unknown switch {name!r}; expected one of {', '.join(SWITCHES)}")
         now = self.clock()
         with self.db.write.begin() as conn:
+            if not self.db.is_sqlite:
+                # Serialise setters (SQLite's BEGIN IMMEDIATE already does; reads never wait): two
+                # moderators pausing at once both found no row and both inserted (a 500 for one), or
+                # both changed it and both audited the change.
+                conn.execute(sa.text(f"LOCK TABLE {SW.name} IN EXCLUSIVE MODE"))
             old = bool(conn.execute(select(SW.c.value).where(SW.c.name == name)).scalar_one_or_none())
             if old == value:
                 return False
@@ -360,6 +368,31 @@ def intake_paused(queue_or_db: Any) -> bool:
 def generation_paused(queue_or_db: Any) -> bool:
     """Whether workers should leave queued requests alone (they wait in the queue)."""
     return Switches(queue_or_db).get(GENERATION_PAUSED)
+
+
+# ---- a user's history for the dashboard -----------------------------------------------------------------
+
+def user_actions(queue_or_db: Any, user_ref: str, *, limit: int = 100) -> list[AuditRecord]:
+    """The newest ``limit`` entries about the user themself (bans, unbans, notes; not the entries of
+    their requests, which also name the user), oldest first."""
+    db = _db(queue_or_db)
+    with db.read.connect() as conn:
+        rows = conn.execute(select(A).where(A.c.user_ref == user_ref, A.c.request_id.is_(None))
+                            .order_by(A.c.id.desc()).limit(limit)).all()
+    return [AuditRecord.from_row(r) for r in reversed(rows)]
+
+
+def status_changes_since(queue_or_db: Any, request_id: int, since: dt.datetime, *,
+                         exclude_actors: tuple[str, ...] = ()) -> AuditRecord | None:
+    """The newest status change of a request after ``since`` by an actor whose name starts with
+    none of ``exclude_actors``, or None. (A range of the request's own index entries.)"""
+    db = _db(queue_or_db)
+    q = select(A).where(A.c.request_id == request_id, A.c.created_at > since, A.c.to_status.is_not(None))
+    for prefix in exclude_actors:
+        q = q.where(sa.not_(A.c.actor.startswith(prefix, autoescape=True)))
+    with db.read.connect() as conn:
+        row = conn.execute(q.order_by(A.c.id.desc()).limit(1)).first()
+    return AuditRecord.from_row(row) if row is not None else None
 
 
 # ---- activity counters for the dashboard -------------------------------------------------------------

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.datastructures import FormData, QueryParams
@@ -33,7 +33,8 @@ from bot.intake import PromptRejected
 from storage import states
 from storage.errors import IllegalTransition, NotFound, StorageError
 from storage.models import utcnow
-from storage.moderators import SWITCHES, LoginPolicy, Moderators, PasswordHasher, SessionRecord, Switches, activity
+from storage.moderators import (SWITCHES, LoginPolicy, Moderators, PasswordHasher, SessionRecord, Switches, activity,
+                                user_actions)
 from storage.states import Status
 
 if TYPE_CHECKING:  # hints only: the web layer is handed an App by bot.web, it never builds one
@@ -72,6 +73,15 @@ class NumberConvertor(Convertor[int]):
 
 
 register_url_convertor("num", NumberConvertor())
+
+
+def _seen(text: str) -> dt.datetime | None:
+    """The ``seen`` time a form carries (naive UTC, as the queue log), or None (an older page)."""
+    try:
+        t = dt.datetime.fromisoformat(text) if text else None
+        return t.astimezone(dt.UTC).replace(tzinfo=None) if t is not None and t.tzinfo else t
+    except (ValueError, OverflowError):
+        return None
 
 
 def nul_field(params: QueryParams, form: FormData | None) -> str | None:
@@ -133,21 +143,26 @@ class Dashboard:
 
     # ---- guard, rendering, redirects ---------------------------------------------------------
 
-    def guard(self, handler: Handler, *, login: bool = True) -> Callable[[Request], Awaitable[Response]]:
-        """Wrap a handler: load the session (redirect to /login without one), check CSRF on POST."""
+    def guard(self, handler: Handler, *, login: bool = True,
+              touch: bool = True) -> Callable[[Request], Awaitable[Response]]:
+        """Wrap a handler: load the session (redirect to /login without one), check CSRF on POST.
+        ``touch=False``: a background poll, which does not count as activity for the idle timeout."""
 
         async def endpoint(request: Request) -> Response:
             token = self.signer.unsign(request.cookies.get(auth.SESSION_COOKIE))
-            session = await _run(self.mods.session, token) if token else None
+            session = await _run(self.mods.session, token, touch=touch) if token else None
             visit = Visit(session=session, seed=token if session else None)
-            if session is None:
-                if login:
-                    if request.method not in ("GET", "HEAD"):
-                        return PlainTextResponse("Log in first.", status_code=403)
-                    if request.url.path.startswith("/api/"):
-                        return JSONResponse({"error": "login required"}, status_code=401)
-                    here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-                    return RedirectResponse("/login?" + urlencode({"next": here}), status_code=303)
+            if session is None and login:
+                if request.method not in ("GET", "HEAD"):
+                    return await self.logged_out(request, visit)
+                if request.url.path.startswith("/api/"):
+                    return JSONResponse({"error": "login required"}, status_code=401)
+                here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+                return RedirectResponse("/login?" + urlencode({"next": here}), status_code=303)
+            if not login:
+                # The login form's token always comes from the pre-session cookie, even for a visitor
+                # with a session: a link from another site (chat, e-mail) arrives without the
+                # SameSite=Strict session cookie, so the form is shown, and posted with the cookie.
                 visit.seed = self.signer.unsign(request.cookies.get(auth.PRE_COOKIE))
                 if visit.seed is None and request.method in ("GET", "HEAD"):
                     visit.seed = visit.new_pre = secrets.token_urlsafe(32)
@@ -173,6 +188,17 @@ class Dashboard:
             return response
 
         return endpoint
+
+    async def logged_out(self, request: Request, visit: Visit) -> Response:
+        """A form posted after the session ended (idle timeout, logout, account removed): nothing is
+        done; a page that says so and leads through the login form back to the page of the form."""
+        referer = urlsplit(request.headers.get("referer") or "")
+        same = f"{referer.scheme}://{referer.netloc}" == f"{request.url.scheme}://{request.url.netloc}"
+        page = auth.local_path(referer.path + (f"?{referer.query}" if referer.query else "") if same else None)
+        return await self.render(
+            request, visit, "error.html", status=403, title="Logged out",
+            message="Your session has ended (you logged out, or it was idle for too long), so nothing was "
+                    "done. Log in again, then repeat it.", link=("/login?" + urlencode({"next": page}), "Log in"))
 
     async def render(self, request: Request, visit: Visit, template: str, *, status: int = 200,
                      headers: dict[str, str] | None = None, **context: Any) -> Response:
@@ -208,6 +234,7 @@ class Dashboard:
         return await self.render(request, visit, "login.html", next=nxt, error=None, login_name="")
 
     async def login(self, request: Request, visit: Visit) -> Response:
+        replaced, visit.session = visit.session, None  # a new login ends the session this browser had
         name, password = visit.field("name", 64), visit.form.get("password") if visit.form else None
         password = password if isinstance(password, str) else ""
         nxt = auth.local_path(visit.field("next", 1000))
@@ -224,6 +251,8 @@ class Dashboard:
             _log.warning("failed dashboard login from %s", ip)
             return await self.render(request, visit, "login.html", status=401, next=nxt, login_name=name,
                                      error="Wrong name or password.")
+        if replaced is not None:
+            await _run(self.mods.end_session, self.signer.unsign(request.cookies.get(auth.SESSION_COOKIE)) or "")
         token = await _run(self.mods.create_session, mod)
         _log.info("moderator %s logged in from %s", mod.name, ip)
         response = RedirectResponse(nxt, status_code=303)
@@ -331,14 +360,16 @@ class Dashboard:
         if before and f["before"] is None:
             return await self.render(request, visit, "error.html", status=400, title="Bad request",
                                      message=f"before: not a request id (a whole number from 1 to {MAX_ID}).")
+        seen = self.app.queue.clock().isoformat()  # the time of the queue log, as its entries
         rows, more = await self._list(f)
         return await self.render(request, visit, "held.html", rows=rows, more=more,
-                                 next_before=rows[-1].id if more else None)
+                                 next_before=rows[-1].id if more else None, seen=seen)
 
     # ---- one request ----------------------------------------------------------------------
 
     async def request_page(self, request: Request, visit: Visit) -> Response:
         rid = request.path_params["rid"]
+        seen = self.app.queue.clock().isoformat()  # the time of the queue log, as its entries
         try:
             if rid > MAX_ID:
                 raise NotFound(rid)
@@ -351,7 +382,9 @@ class Dashboard:
             user = await _run(self.app.queue.get_user, rec.user_ref)
         except NotFound:
             user = None
-        user_trail = await _run(self.app.queue.audit, user_ref=rec.user_ref, limit=100)
+        # the user's bans and notes, newest kept: every request's entries name the user too, and the
+        # oldest 100 of those had pushed a heavy user's recent ban off the page
+        user_trail = await _run(user_actions, self.app.queue, rec.user_ref, limit=100)
         actions = [a for a, target in ACTION_TARGETS.items()
                    if (rec.status == Status.HELD if a == "approve"
                        else states.allowed(rec.status, target)  # type: ignore[arg-type]
@@ -359,7 +392,7 @@ class Dashboard:
         images = [(i, rec.nsfw_scores[i] if i < len(rec.nsfw_scores) else None)
                   for i in range(len(rec.image_paths))]
         return await self.render(request, visit, "request.html", r=rec, trail=trail, position=position,
-                                 user=user, user_trail=user_trail, actions=actions, images=images)
+                                 user=user, user_trail=user_trail, actions=actions, images=images, seen=seen)
 
     async def act(self, request: Request, visit: Visit) -> Response:
         rid = request.path_params["rid"]
@@ -374,7 +407,8 @@ class Dashboard:
             if rid > MAX_ID:
                 raise NotFound(f"no request with id {rid}")
             rec = await _run(moderation.act, self.app.queue, action, rid, actor=visit.actor, reason=reason,
-                             platforms=self.app.platforms)  # a rejection tells the requester at once
+                             platforms=self.app.platforms,  # a rejection tells the requester at once
+                             seen=_seen(visit.field("seen", 40)))  # when the page showed the request
         except (IllegalTransition, NotFound) as exc:
             return await self.back(visit, here, str(exc), error=True)
         _log.info("moderator action %s", action, extra={"request_id": rid, "action": action})
@@ -468,6 +502,6 @@ class Dashboard:
             Route("/users/{action:str}", g(self.user_action), methods=["POST"]),
             Route("/switches", g(self.set_switch), methods=["POST"]),
             Route("/submit", g(self.submit), methods=["POST"]),
-            Route("/api/counters", g(self.counters), methods=["GET"]),
+            Route("/api/counters", g(self.counters, touch=False), methods=["GET"]),  # polled by the page
             Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
         ]

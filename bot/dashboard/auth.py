@@ -100,7 +100,9 @@ class Signer:
         if not cookie or "." not in cookie or len(cookie) > 200:
             return None
         token, _, sig = cookie.rpartition(".")
-        return token if hmac.compare_digest(sig, self.mac("cookie", token)) else None
+        # bytes: compare_digest raises TypeError for a str with non-ASCII characters (a 500)
+        given = sig.encode("utf-8", "replace")
+        return token if hmac.compare_digest(given, self.mac("cookie", token).encode("ascii")) else None
 
     def csrf_token(self, seed: str) -> str:
         return self.mac("csrf", seed)

@@ -8,7 +8,10 @@
   async function refresh() {
     try {
       const r = await fetch("/api/counters", { credentials: "same-origin", headers: { Accept: "application/json" } });
-      if (r.status === 401) { window.location.assign("/login"); return; }
+      if (r.status === 401) {  // the session ended: log in again, then come back to this page
+        window.location.assign("/login?next=" + encodeURIComponent(location.pathname + location.search));
+        return;
+      }
       if (r.ok) {
         const data = await r.json();
         for (const el of box.querySelectorAll("[data-counter]")) {
