@@ -233,7 +233,11 @@ def _moderation_command(name: str, help_text: str):  # type: ignore[no-untyped-d
         from bot import moderation
 
         with c.app() as app:
-            rec = moderation.act(app.queue, name, request_id, actor=f"moderator:{actor}", reason=reason)
+            # A local requester is told of a rejection here (its outbox); an X requester by the intake
+            # process's sweep of owed refusals; Discord needs its running client (the dashboard's).
+            local = {"local": app.platforms["local"]} if "local" in app.platforms else {}
+            rec = moderation.act(app.queue, name, request_id, actor=f"moderator:{actor}", reason=reason,
+                                 platforms=local)
         click.echo(f"request {rec.id} is now {rec.status.value}")
 
     return command

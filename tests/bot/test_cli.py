@@ -139,3 +139,13 @@ def test_non_finite_config_values_are_one_line_errors(tmp_path: Path) -> None:
                       ("[database]\npool_size = -1\n", "database.pool_size")]:
         cfg.write_text(text)
         assert_one_line_error(run("worker", "--drain", data=tmp_path, config=cfg), key, str(cfg))
+
+
+def test_a_cli_rejection_tells_the_local_requester(tmp_path: Path) -> None:
+    """`queue reject` on a local request writes its refusal to the outbox, as the dashboard does."""
+    add = run("queue", "add", "a red circle", "--user", "u1", "--json", data=tmp_path)
+    rid = json.loads(add.stdout)["id"]
+    rej = run("queue", "reject", str(rid), "--reason", "not today", data=tmp_path)
+    assert rej.returncode == 0, rej.stderr
+    refusal = json.loads((tmp_path / "outbox" / str(rid) / "refusal.json").read_text())
+    assert refusal["refusal"] == "not today" and refusal["request_id"] == rid
