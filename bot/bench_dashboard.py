@@ -58,12 +58,12 @@ def fill(db, n: int, *, seed: int = 0, now: dt.datetime | None = None) -> None: 
             done = status not in ("queued", "generated", "held_for_review")
             rows.append(dict(
                 id=i + 1, platform=p, external_id=f"e{i}", channel_id=None, guild_id=None,
-                author_id=f"user{rng.randrange(5000 // 3)}", author_name="someone", prompt_raw=prompt,
+                author_id=(author := f"user{rng.randrange(5000 // 3)}"), author_name="someone", prompt_raw=prompt,
                 prompt=prompt, n_images=4, seed=i, options={}, status=status, priority=0, slot=i, attempts=1,
                 max_attempts=3, run_at=t, error=None, image_paths=[], nsfw_scores=[],
                 reply_id=f"r{i}" if status == "posted" else None, reply_url=None, notify=True,
                 created_at=t, updated_at=t, finished_at=t if done else None))
-            audits.append(dict(request_id=i + 1, user_ref=None, actor=f"intake:{p}", action="received",
+            audits.append(dict(request_id=i + 1, user_ref=f"{p}:{author}", actor=f"intake:{p}", action="received",
                                from_status=None, to_status="queued", reason=None, created_at=t))
             audits.append(dict(request_id=i + 1, user_ref=None, actor="worker:bench", action=status,
                                from_status="queued", to_status=status, reason=None,
@@ -113,6 +113,7 @@ PAGES = (
     ("time range (one day)", "/?since=2026-01-15T00:00&until=2026-01-16T00:00"),
     ("deep page (before id n/2)", "/?before={half}"),
     ("all filters", "/?status=posted&platform=discord&q=cat&since=2026-01-10T00:00"),
+    ("one request (with its user's bans and notes)", "/requests/{half}"),
     ("held inbox", "/held"),
     ("live counters (JSON)", "/api/counters"),
 )
