@@ -211,6 +211,13 @@ class FakeDiscord:
         self.requests: list[RecordedRequest] = []
         self.sessions: list[_GatewaySession] = []
         self.identifies: list[dict[str, Any]] = []
+        #: The token the gateway takes at IDENTIFY when it differs from REST's (None: ``token``): a token
+        #: reset between the login and the connection is closed with 4004.
+        self.gateway_token: str | None = None
+        #: False: the gateway answers 503 to websocket upgrades (a gateway outage; REST still works).
+        self.gateway_available = True
+        #: Gateway connections refused while it was unavailable.
+        self.gateway_refused = 0
         self.resumes: list[dict[str, Any]] = []
         self._faults: list[_Fault] = []
         self._incoming: dict[str, RecordedAttachment] = {}
@@ -1019,6 +1026,10 @@ class FakeDiscord:
 
     async def _gateway(self, request: web.Request) -> web.StreamResponse:
         ws = web.WebSocketResponse(max_msg_size=0, autoping=True)
+        if not self.gateway_available:
+            self.gateway_refused += 1
+            self._notify()
+            return self._json(503, {"message": "gateway unavailable", "code": 0})
         if not ws.can_prepare(request).ok:
             return self._json(400, {"message": "expected a websocket upgrade", "code": 0})
         await ws.prepare(request)
@@ -1044,7 +1055,7 @@ class FakeDiscord:
             await session.send({"op": 11, "d": None, "s": None, "t": None})
         elif op == 2:  # IDENTIFY
             self.identifies.append(data)
-            if data.get("token") != self.token:
+            if data.get("token") != (self.gateway_token or self.token):
                 await session.ws.close(code=4004, message=b"Authentication failed.")
                 return
             session.identify = data

@@ -55,7 +55,8 @@ on X) also carry ``x-user-limit-24hour-*`` and ``x-app-limit-24hour-*`` from 24-
 windows per user and for the whole app; a spent day is a 429 whose 15-minute
 headers still show requests left, as X answers it.  Faults can be injected on top: see
 :meth:`FakeX.inject_rate_limit` (also without rate-limit headers),
-:meth:`FakeX.inject_server_error` and :meth:`FakeX.inject_hang` (a server that does not answer).
+:meth:`FakeX.inject_server_error`, :meth:`FakeX.inject_hang` (a server that does not answer) and
+:meth:`FakeX.inject_partial_error` (status 200 with only ``errors``).
 """
 
 from __future__ import annotations
@@ -291,6 +292,8 @@ class XFault:
     hits: int = 0
     #: A 429 with ``x-rate-limit-*`` headers (False: none, as X sometimes answers).
     rate_headers: bool = True
+    #: The body of a status-200 fault: a partial error (``errors`` and no ``data``).
+    body: dict[str, Any] | None = None
 
     def matches(self, route: str, now: float) -> bool:
         if self.route not in ("*", route):
@@ -601,6 +604,18 @@ class FakeX:
             self.faults.append(fault)
             return fault
 
+    def inject_partial_error(self, route: str = "*", *, count: int | None = 1,
+                             errors: list[dict[str, Any]] | None = None) -> XFault:
+        """Answer ``route`` with status 200 and only an ``errors`` list (no ``data``) for the next
+        ``count`` requests (or all, when None), as X does when it cannot do what was asked but the
+        request itself was fine (e.g. a user it cannot find, or an upload it failed to process)."""
+        with self._lock:
+            body = {"errors": errors or [{"title": "Service Unavailable", "type": "about:blank",
+                                          "detail": "Something went wrong; try again later."}]}
+            fault = XFault(route, 200, count, None, body=body)
+            self.faults.append(fault)
+            return fault
+
     def clear_faults(self) -> None:
         with self._lock:
             self.faults.clear()
@@ -817,6 +832,8 @@ class FakeX:
             if not fault.matches(key, now):
                 continue
             fault.hits += 1
+            if fault.status == 200:
+                raise _ApiError(200, dict(fault.body or {}), headers)
             if fault.status == 429:
                 headers["x-rate-limit-remaining"] = "0"
                 headers["x-rate-limit-reset"] = str(int(fault.reset_at or now))

@@ -18,6 +18,13 @@ client's event loop through ``asyncio.run_coroutine_threadsafe``)
     or files over the upload limit fail without retry, and the request's message then shows that.
     A message whose token has run out is no longer followed.
 
+Start-up and outages
+    Discord unreachable or failing at start-up (no connection, 5xx, a gateway that refuses) does not stop
+    the service: one warning, then the client keeps logging in and connecting in the background (the
+    wait doubling from :data:`RECONNECT_MIN_S` to :data:`RECONNECT_MAX_S`) and answers /dalle once
+    connected. Deliveries meanwhile fail as retryable (the worker tries again later); they need only
+    the REST login, not the gateway. A token Discord refuses is a configuration error, raised at once.
+
 Every command and click is acknowledged before the database is asked anything (Cancel: once the
 database has taken more than :data:`ACK_WITHIN_S`), since Discord drops an interaction that is not
 acknowledged within 3 seconds; a database that fails is answered with
@@ -50,11 +57,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import aiohttp
 import discord
 from discord import app_commands
 
 from bot import moderation
-from bot.config import DiscordConfig
+from bot.config import ConfigError, DiscordConfig
 from bot.platforms import text as texts
 from bot.platforms.admission import Admission, Check, IntakeEvent, admit
 from bot.platforms.base import Delivery, DeliveryError
@@ -77,6 +85,13 @@ MESSAGE_LIMIT = 2000
 #: A click whose work (database) takes longer than this is acknowledged first, then answered:
 #: Discord drops an interaction not acknowledged within 3 seconds.
 ACK_WITHIN_S = 2.0
+#: Waits between two tries to log in to Discord, or to make the first gateway connection, while it
+#: cannot be reached: doubled at each failure, from the first to the second (seconds).
+RECONNECT_MIN_S = 2.0
+RECONNECT_MAX_S = 300.0
+#: The one line for a token Discord refuses (it never names the token itself); {} says where.
+TOKEN_REFUSED = ("Discord refused the bot token ({}): check [discord] token "
+                 "(or the DALLEBOT_DISCORD_TOKEN environment variable)")
 
 
 @dataclass
@@ -104,6 +119,9 @@ class DalleClient(discord.Client):
     async def setup_hook(self) -> None:
         self.add_dynamic_items(CancelButton, RerollButton)
         await self.adapter.sync_commands()
+
+    async def on_ready(self) -> None:
+        self.adapter._on_ready()
 
 
 class DiscordPlatform:
@@ -141,6 +159,13 @@ class DiscordPlatform:
         self._task: asyncio.Task[None] | None = None
         self._updater: asyncio.Task[None] | None = None
         self._stopping = False
+        self._started = False
+        self._stop_event: asyncio.Event | None = None
+        self._connect_failed: asyncio.Event | None = None
+        self._connect_error = ""
+        self._logged_in = False  # REST works (delivery); the gateway (intake) may still be connecting
+        self._connected_once = False
+        self._announce = False  # a start-up warning was logged: say when Discord is back
         self.synced: list[str] = []  # scopes synced at the last start (for logs and tests)
         #: Every platform of the app (set by open_app), so /dalle-mod reject can tell an X user too.
         self.platforms: dict[str, Any] | None = None
@@ -158,29 +183,135 @@ class DiscordPlatform:
 
     async def start(self, *, intake: bool, ready_timeout: float = 60.0) -> None:
         """``intake``: connect to the gateway and take commands; else log in for REST only (what a
-        worker-only process needs to deliver)."""
+        worker-only process needs to deliver).
+
+        Discord unreachable or failing (no connection, 5xx, a gateway that does not answer) does not
+        stop the start: one warning, then the client keeps trying in the background (waits doubling
+        from :data:`RECONNECT_MIN_S` up to :data:`RECONNECT_MAX_S`) and answers /dalle once connected;
+        deliveries meanwhile fail as retryable. A token Discord refuses (401 at login, close 4004) is
+        a configuration error, raised at once (:class:`bot.config.ConfigError`)."""
         self._apply_overrides()
         self._loop = asyncio.get_running_loop()
         self._stopping = False
-        if not intake:
-            await self.client.login(self.cfg.token)
+        self._started = False
+        self._stop_event = asyncio.Event()
+        self._connect_failed = asyncio.Event()
+        self._logged_in = False
+        try:
+            await asyncio.wait_for(self._login(), ready_timeout)
+        except discord.LoginFailure:
+            raise ConfigError(TOKEN_REFUSED.format("401 Unauthorized at login")) from None
+        except Exception as exc:  # unreachable, 5xx, timed out, commands not synced (database down)
+            _log.warning("Discord: cannot log in yet (%s); the service runs without Discord and keeps trying "
+                         "in the background%s", _reason(exc), "; /dalle is answered once connected" if intake else "")
+            self._announce = True
+            self._task = asyncio.create_task(self._keep_trying(intake, logged_in=False), name="discord-client")
+            self._task.add_done_callback(self._client_ended)
+            if intake:
+                self._updater = asyncio.create_task(self._update_loop(), name="discord-positions")
+            self._started = True
             return
-        self._task = asyncio.create_task(self.client.start(self.cfg.token), name="discord-client")
+        self._started = True
+        if not intake:
+            return
+        self._task = asyncio.create_task(self._keep_trying(intake, logged_in=True), name="discord-client")
         self._task.add_done_callback(self._client_ended)
         ready = asyncio.create_task(self.client.wait_until_ready())
-        done, _ = await asyncio.wait({self._task, ready}, timeout=ready_timeout,
+        failed = asyncio.create_task(self._connect_failed.wait())
+        done, _ = await asyncio.wait({self._task, ready, failed}, timeout=ready_timeout,
                                      return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        failed.cancel()
         if ready not in done:
-            ready.cancel()
-            if self._task in done:
-                self._task.result()  # raises the login or connection error
-            raise TimeoutError("the Discord client did not become ready")
+            if self._task in done:  # gave up for good before READY (a refused token, intents)
+                exc = self._task.exception()
+                if isinstance(exc, discord.ConnectionClosed) and exc.code == 4004:
+                    raise ConfigError(TOKEN_REFUSED.format("gateway close 4004")) from None
+                self._task.result()  # raises it
+            _log.warning("Discord: cannot connect to the gateway yet%s; the service runs and keeps trying in the "
+                         "background; /dalle is answered once connected",
+                         f" ({self._connect_error})" if self._connect_error else " (no answer)")
+            self._announce = True
         self._updater = asyncio.create_task(self._update_loop(), name="discord-positions")
+        self._started = True
+
+    async def _login(self) -> None:
+        """Log in (REST: ``GET /users/@me``, the application, the command sync); after a failure the
+        HTTP session is closed, so that the next try starts a fresh one (and none is left open)."""
+        try:
+            await self.client.login(self.cfg.token)
+        except BaseException:
+            await self._discard_session()
+            raise
+        self._logged_in = True
+
+    async def _discard_session(self) -> None:
+        self._logged_in = False
+        with contextlib.suppress(Exception):
+            await self.client.http.close()
+        # the session owned the connector (closed with it): the next login makes a new one
+        self.client.http.connector = discord.utils.MISSING
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep ``seconds``, or less when the adapter is stopped meanwhile."""
+        assert self._stop_event is not None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop_event.wait(), seconds)
+
+    async def _keep_trying(self, intake: bool, *, logged_in: bool) -> None:
+        """The client's life: log in (until it works), then (intake) keep the gateway connected.
+        discord.py reconnects by itself once it has had a session, but not when the very first
+        connection fails: that, and the login, are retried here with a capped exponential backoff."""
+        delay = RECONNECT_MIN_S
+        while not logged_in:
+            await self._pause(delay)
+            if self._stopping:
+                return
+            try:
+                await self._login()
+                logged_in = True
+            except discord.LoginFailure:
+                _log.error("%s; not trying again until the service is restarted",
+                           TOKEN_REFUSED.format("401 Unauthorized at login"))
+                return
+            except Exception as exc:
+                if self._stopping:
+                    return
+                delay = min(delay * 2, RECONNECT_MAX_S)
+                _log.info("Discord: still cannot log in (%s); next try in %.1fs", _reason(exc), delay)
+        if not intake:
+            if self._announce:
+                _log.warning("Discord: logged in; delivering results again")
+                self._announce = False
+            return
+        delay = RECONNECT_MIN_S
+        with _quiet_first_reconnects(self):
+            while not self._stopping:
+                try:
+                    await self.client.connect(reconnect=True)
+                    return  # closed (stop)
+                except Exception as exc:
+                    if self._stopping or self.client.is_closed():
+                        raise  # given up for good (discord.py closed the client): _client_ended says so
+                    # The first connection failed (discord.py needs a first session to reconnect).
+                    self._connect_error = _reason(exc)
+                    assert self._connect_failed is not None
+                    self._connect_failed.set()
+                    _log.info("Discord: cannot connect to the gateway (%s); next try in %.1fs",
+                              self._connect_error, delay)
+                await self._pause(delay)
+                delay = min(delay * 2, RECONNECT_MAX_S)
+
+    def _on_ready(self) -> None:
+        self._connected_once = True
+        if self._announce:
+            _log.warning("Discord: connected; /dalle is answered again")
+            self._announce = False
 
     def _client_ended(self, task: asyncio.Task[None]) -> None:
         """discord.py reconnects by itself, but gives up for good on some errors (a reset token: close
         4004; intents not allowed: 4014). Nothing answers /dalle after that: say so loudly."""
-        if task.cancelled() or self._updater is None or self._stopping:  # before ready, start() raises it
+        if task.cancelled() or not self._started or self._stopping:  # during start, start() raises it
             return
         exc = task.exception()
         if exc is not None:
@@ -192,6 +323,8 @@ class DiscordPlatform:
 
     async def stop(self) -> None:
         self._stopping = True
+        if self._stop_event is not None:
+            self._stop_event.set()  # a login or connection retry waiting its turn: no more tries
         if self._updater is not None:
             self._updater.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -629,7 +762,7 @@ class DiscordPlatform:
             return
         loop, thread = self._own
         try:
-            asyncio.run_coroutine_threadsafe(self.client.close(), loop).result(30)
+            asyncio.run_coroutine_threadsafe(self.stop(), loop).result(30)
         finally:
             loop.call_soon_threadsafe(loop.stop)
             thread.join(30)
@@ -653,12 +786,19 @@ class DiscordPlatform:
             if running is loop:
                 raise RuntimeError("Discord delivery must be called from a worker thread, not the event loop")
             raise DeliveryError("the Discord client is not running in this process")
+        if not self._logged_in or self.client.is_closed():
+            coro.close()
+            # Not lost: the request is tried again (with backoff) once the client is back.
+            raise DeliveryError("not connected to Discord (it could not be reached; the client keeps trying)"
+                                if not self.client.is_closed() else "the Discord client is closed")
         future = asyncio.run_coroutine_threadsafe(coro, loop)
         try:
             return future.result(DELIVERY_TIMEOUT_S)
         except concurrent.futures.TimeoutError:
             future.cancel()
             raise DeliveryError("Discord delivery timed out") from None
+        except (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError) as exc:  # Discord unreachable
+            raise DeliveryError(f"cannot reach Discord: {_reason(exc)}") from exc
 
     def deliver(self, request: RequestRecord, images: list[Path]) -> Delivery:
         return self._run(self._deliver(request, [Path(p) for p in images]))
@@ -790,6 +930,38 @@ class DiscordPlatform:
             # of "at least once".
             _log.info("cannot look for an earlier reply to request %d (%s): posting it again", request.id, exc)
         return None
+
+
+def _reason(exc: BaseException) -> str:
+    """One line on why a login or connection failed. discord.py's first gateway connection that fails
+    surfaces as an AttributeError (it has no session to resume) raised while handling the real error."""
+    if isinstance(exc, AttributeError) and exc.__context__ is not None:
+        exc = exc.__context__
+    text = " ".join(str(exc).split()) or ("no answer in time" if isinstance(exc, TimeoutError) else "no details")
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
+class _FirstReconnects(logging.Filter):
+    """Drops discord.py's 'Attempting a reconnect' tracebacks until the first connection: the adapter
+    logs its own line for those tries."""
+
+    def __init__(self, adapter: DiscordPlatform) -> None:
+        super().__init__()
+        self.adapter = adapter
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.adapter._connected_once or not str(record.msg).startswith("Attempting a reconnect")
+
+
+@contextlib.contextmanager
+def _quiet_first_reconnects(adapter: DiscordPlatform) -> Any:
+    logger = logging.getLogger("discord.client")
+    quiet = _FirstReconnects(adapter)
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 def _seconds_left(interaction: discord.Interaction) -> float:

@@ -21,6 +21,9 @@ Intake (``poll``; ``dallebot serve`` runs it every ``[x] poll_interval`` seconds
       outcome never reached the queue log (the poller died in between, posting was rate-limited,
       or X failed for a while: 5xx, no connection) stays owed, its budget slot given back: the poller
       sends it at a later round, once (:func:`storage.platform_state.owed_refusals`).
+    * A round that fails (5xx, no connection, the bot account not found) is one warning; the poller
+      then skips 1, 3, 7... rounds (the wait doubles, up to :data:`POLL_BACKOFF_MAX_S`) and is back
+      to every interval after a round that works. Deliveries do not wait for it.
     * A page of mentions is admitted at once (:func:`bot.platforms.admission.admit_many`): one
       enqueue statement on PostgreSQL, rate limits decided from one query per kind of limit.
 
@@ -44,6 +47,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import os
 import re
 import socket
@@ -88,6 +92,9 @@ TIMELINE_PAGES = 32
 #: Seconds before the cursor that each round reads again: a mention X lists late (indexing lag), with an
 #: id older than mentions already read, is still found. X ids carry their time in milliseconds above bit 22.
 CURSOR_OVERLAP_SECONDS = 60.0
+#: Longest wait (seconds) between two mention polls while X keeps failing (5xx, no connection, the bot
+#: account not found): after n failures in a row the poller skips 2**n - 1 rounds, up to this.
+POLL_BACKOFF_MAX_S = 300.0
 
 MENTION_PARAMS: dict[str, Any] = dict(
     tweet_fields=["author_id", "conversation_id", "created_at", "in_reply_to_user_id", "referenced_tweets",
@@ -155,6 +162,9 @@ class XPlatform:
         self._blocked: dict[str, float] = {}
         self._next_sweep: dt.datetime | None = None  # next look for owed refusals (queue clock)
         self._blocked_lock = threading.Lock()
+        self._local = threading.local()  # the last upload response of this thread (for its errors)
+        self._poll_failures = 0  # mention polls failed in a row
+        self._polls_to_skip = 0  # rounds left to skip before the next try (backoff)
         self._bot: tuple[str, str] | None = (
             (cfg.bot_user_id.strip(), _handle(cfg.bot_username))
             if cfg.bot_user_id.strip() and _handle(cfg.bot_username) else None)
@@ -164,6 +174,8 @@ class XPlatform:
     def _observe(self, response: requests.Response, *args: Any, **kwargs: Any) -> None:
         """requests response hook: remember when a route may be called again."""
         route = _route(response.request.method or "GET", response.request.url or "")
+        if route == "upload":
+            self._local.upload_response = response
         h = response.headers
         resets = []
         if response.status_code == 429 or h.get("x-rate-limit-remaining") == "0":
@@ -199,7 +211,10 @@ class XPlatform:
     def bot_identity(self) -> tuple[str, str]:
         """(user id, handle) of the bot account: from the settings, else ``GET /2/users/me`` once."""
         if self._bot is None:
-            me = self.client.get_me(user_auth=True).data
+            resp = self.client.get_me(user_auth=True)
+            me = resp.data
+            if me is None or not getattr(me, "id", None):  # a 200 with only an errors list
+                raise XAnswerError(f"X answered GET /2/users/me without the account: {_errors_text(resp.errors)}")
             self._bot = (self.cfg.bot_user_id.strip() or str(me.id), _handle(self.cfg.bot_username) or me.username)
         return self._bot
 
@@ -238,10 +253,13 @@ class XPlatform:
         self._send_owed_refusals()
         if self.wait_needed("mentions") > 0:
             return 0  # waiting out a rate limit
+        if self._polls_to_skip > 0:
+            self._polls_to_skip -= 1  # backing off: X failed the last round(s)
+            return 0
         try:
             bot_id, bot_name = self.bot_identity()
         except (tweepy.TweepyException, requests.RequestException) as exc:
-            _log.warning("X: cannot look up the bot account: %s", exc)
+            self._poll_failed("cannot look up the bot account", exc)
             return 0
         since = self.queue.get_cursor(CURSOR)
         read_from = _overlapped(since)
@@ -272,7 +290,9 @@ class XPlatform:
             self._block("mentions", exc.reset_time)
             _log.warning("X: mentions rate-limited until %s", exc.reset_time)
         except (tweepy.TweepyException, requests.RequestException) as exc:
-            _log.warning("X: polling mentions failed: %s", exc)
+            self._poll_failed("polling mentions failed", exc)
+        if complete:
+            self._poll_failures = 0
         # A mention edited before it was stored comes with its newer version: only the newest is the
         # request (the prompt as its author corrected it, and the post to reply to).
         superseded = {tid for tid, t in tweets.items()
@@ -289,6 +309,16 @@ class XPlatform:
         if complete and newest is not None and (since is None or newest > int(since)):
             self.queue.set_cursor(CURSOR, str(newest))
         return stored
+
+    def _poll_failed(self, what: str, exc: BaseException) -> None:
+        """One warning, and skip the next rounds: 1, 3, 7... (the wait doubles), up to
+        :data:`POLL_BACKOFF_MAX_S`. Deliveries are not held back (they do not poll)."""
+        self._poll_failures += 1
+        interval = self.poll_interval or 1.0
+        most = max(0, math.ceil(POLL_BACKOFF_MAX_S / interval) - 1)
+        self._polls_to_skip = min(2 ** min(self._poll_failures, 30) - 1, most)
+        _log.warning("X: %s (%d in a row; next try in %.0fs): %s", what, self._poll_failures,
+                     (self._polls_to_skip + 1) * interval, " ".join(str(exc).split()))
 
     def _event(self, tweet: Any, users: dict[str, Any], bot_id: str, bot_name: str) -> IntakeEvent | None:
         """The request a mention asks for, or None for posts that are not requests."""
@@ -348,11 +378,12 @@ class XPlatform:
         try:
             resp = self.client.create_tweet(text=texts.x_refusal(message or texts.GENERIC_REFUSAL, req.id),
                                             in_reply_to_tweet_id=reply_to)
+            tweet_id = _created_id(resp)
         except tweepy.TooManyRequests as exc:
             self._block("post", exc.reset_time)
             self.refusals.give_back()
             return False  # still owed
-        except (tweepy.TwitterServerError, requests.RequestException) as exc:
+        except (tweepy.TwitterServerError, requests.RequestException, XAnswerError) as exc:
             self.refusals.give_back()
             _log.warning("X: refusal not sent, will try again later: %s", exc, extra={"request_id": req.id})
             return False  # still owed
@@ -370,7 +401,7 @@ class XPlatform:
             self.refusals.give_back()  # nothing was posted
             raise
         audit(self.queue.db, request_id=req.id, actor=actor, action="refusal_posted",
-              reason=f"reply {resp.data['id']}", clock=self.queue.clock)
+              reason=f"reply {tweet_id}", clock=self.queue.clock)
         return True
 
     # ---- delivery -------------------------------------------------------------------------
@@ -427,10 +458,11 @@ class XPlatform:
             if wait > self.cfg.max_rate_limit_wait:  # known before uploading: spend no upload on it
                 raise DeliveryError(f"X rate limit on post: resets in {wait:.0f}s", retry_after=wait)
             payloads = self._images(images)
-            media_ids = [self._call("upload", upload_image_for_client, self.client, data).id for data in payloads]
+            media_ids = [self._call("upload", self._upload, data).id for data in payloads]
             resp = self._call("post", self.client.create_tweet, text=texts.x_result(request.id, len(images[:4]),
                                                                                     request.seed),
                               in_reply_to_tweet_id=reply_to, media_ids=media_ids)
+            tweet_id = _created_id(resp)
         except _DuplicateContent as exc:  # posted before (a crash, or X acted on a try it did not answer)
             try:
                 found = self.find_delivery(request)
@@ -444,10 +476,27 @@ class XPlatform:
             # only after a moment, so this is a try to repeat (with backoff), not a failure for good.
             raise DeliveryError(f"X says this reply was posted already ({exc}), but it is not among the bot's "
                                 "posts yet") from exc
+        except XAnswerError as exc:  # a 200 without the post: nothing to show for it, try again
+            self.posts.give_back()
+            raise DeliveryError(str(exc)) from exc
         except BaseException:
             self.posts.give_back()  # nothing was posted: a failed try does not spend the budget
             raise
-        return self._delivery(str(resp.data["id"]))
+        return self._delivery(tweet_id)
+
+    def _upload(self, data: bytes) -> Any:
+        """One image through ``POST /2/media/upload``; a 200 that carries only ``errors`` (no media id)
+        is an :class:`XAnswerError` naming them, where it was a bare KeyError."""
+        self._local.upload_response = None
+        try:
+            return upload_image_for_client(self.client, data)
+        except (KeyError, TypeError) as exc:  # UploadedMedia.from_response: no data (or no id) in a 200
+            response = getattr(self._local, "upload_response", None)
+            try:
+                errors = response.json().get("errors") if response is not None else None
+            except (ValueError, AttributeError):
+                errors = None
+            raise XAnswerError(f"X answered the media upload without a media id: {_errors_text(errors)}") from exc
 
     def deliver_refusal(self, request: RequestRecord, message: str) -> Delivery:
         """A moderator rejected ``request``: reply with ``message`` (within the refusal budget)."""
@@ -457,13 +506,17 @@ class XPlatform:
         try:
             resp = self._call("post", self.client.create_tweet, text=texts.x_refusal(message, request.id),
                               in_reply_to_tweet_id=reply_to)
+            tweet_id = _created_id(resp)
+        except XAnswerError as exc:
+            self.refusals.give_back()
+            raise DeliveryError(str(exc)) from exc
         except _DuplicateContent as exc:
             self.refusals.give_back()
             raise DeliveryError(f"X refused the refusal as duplicate content: {exc}", permanent=True) from exc
         except BaseException:
             self.refusals.give_back()  # nothing was posted: a failed try does not spend the budget
             raise
-        return self._delivery(str(resp.data["id"]))
+        return self._delivery(tweet_id)
 
     def _delivery(self, tweet_id: str) -> Delivery:
         name = self._bot[1] if self._bot else "i"
@@ -476,7 +529,7 @@ class XPlatform:
         token: str | None = None
         for _ in range(TIMELINE_PAGES):
             try:
-                bot_id, _ = self.bot_identity()
+                bot_id, _ = self._call("other", self.bot_identity)
                 resp = self._call("timeline", self.client.get_users_tweets, bot_id, since_id=reply_to,
                                   max_results=100, pagination_token=token,
                                   tweet_fields=["referenced_tweets", "attachments"], user_auth=True)
@@ -522,6 +575,23 @@ def _error_text(error: Any) -> str:
     return str(error)
 
 
+def _errors_text(errors: Any) -> str:
+    """The ``errors`` of an X response as one line (or a note that there were none)."""
+    if not errors:
+        return "no data and no errors in the answer"
+    if not isinstance(errors, list):
+        errors = [errors]
+    return "; ".join(_error_text(e) for e in errors)[:500]
+
+
+def _created_id(resp: Any) -> str:
+    """The id of the post ``create_tweet`` made; a 200 without one is an :class:`XAnswerError`."""
+    data = resp.data if isinstance(resp.data, dict) else None
+    if not data or not data.get("id"):
+        raise XAnswerError(f"X answered the post without its id: {_errors_text(resp.errors)}")
+    return str(data["id"])
+
+
 def _overlapped(since: str | None) -> str | None:
     """The ``since_id`` of a round: :data:`CURSOR_OVERLAP_SECONDS` before the cursor ``since``."""
     if since is None:
@@ -542,6 +612,11 @@ class _PostBudget:
 
 class _DuplicateContent(Exception):
     pass
+
+
+class XAnswerError(tweepy.TweepyException):
+    """X answered 200 without the data asked for (only an ``errors`` list): a passing failure on its
+    side, retried like a 5xx."""
 
 
 class _TimeoutSession(requests.Session):
