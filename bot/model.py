@@ -10,7 +10,7 @@ from PIL import Image
 
 from bot.config import ModelConfig
 from bot.generation import GenerationJob, Generator
-from inference.errors import BundleError, PromptError
+from inference.errors import BundleError, InferenceError, PromptError
 
 _log = logging.getLogger(__name__)
 
@@ -19,7 +19,8 @@ class PipelineGenerator:
     """Runs a batch of jobs through one :class:`inference.pipeline.Pipeline` decoder batch.
 
     A job whose prompt the model cannot read (empty after the model's own normalisation) gets a
-    :class:`PromptError` in its place instead of images; the others still generate.
+    :class:`PromptError` in its place instead of images, one whose seed or image count the model
+    refuses a :class:`JobError`; the others still generate.
     """
 
     def __init__(self, pipeline) -> None:  # type: ignore[no-untyped-def]
@@ -31,9 +32,10 @@ class PipelineGenerator:
         for i, job in enumerate(jobs):
             try:
                 self.pipeline.prepare([job.prompt])
+                _check_job(job)
                 good.append(i)
                 out.append([])
-            except PromptError as exc:
+            except (PromptError, JobError) as exc:
                 out.append(exc)
         if good:
             images = self.pipeline.generate([jobs[i].prompt for i in good], n_images=[jobs[i].n_images for i in good],
@@ -41,6 +43,17 @@ class PipelineGenerator:
             for i, imgs in zip(good, images, strict=True):
                 out[i] = imgs
         return out
+
+
+class JobError(InferenceError):
+    """A job's own settings cannot be generated (checked per job: the pipeline refuses a whole batch)."""
+
+
+def _check_job(job: GenerationJob) -> None:
+    if isinstance(job.seed, bool) or not isinstance(job.seed, int) or not 0 <= job.seed < 2**63:
+        raise JobError(f"seed {job.seed!r} cannot be used: seeds are whole numbers 0..2**63-1")
+    if isinstance(job.n_images, bool) or not isinstance(job.n_images, int) or job.n_images < 1:
+        raise JobError(f"{job.n_images!r} images cannot be made: the number of images must be 1 or more")
 
 
 def bundle_path(cfg: ModelConfig) -> Path:

@@ -208,7 +208,13 @@ def bench_inference(bundle: Path, int8_bundle: Path | None, batches: str, steps:
                     with_min_dalle: bool, with_memory: bool, with_small: bool, json_out: Path | None) -> None:
     """Seconds per image, decoder steps/s, VQGAN time and peak memory: ours vs min-dalle."""
     threads = threads or len(os.sched_getaffinity(0))
-    sizes = [int(b) for b in batches.split(",") if b.strip()]
+    try:
+        sizes = [int(b) for b in batches.split(",") if b.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise click.BadParameter(f"{batches!r} is not a comma-separated list of whole numbers >= 1, e.g. 1,8.",
+                                 param_hint="'--batch'")
     if not (bundle / "manifest.json").is_file():
         if bundle != DEFAULT_BUNDLE:
             raise click.ClickException(f"{bundle} is not a bundle")

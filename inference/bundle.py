@@ -270,6 +270,10 @@ def _check_manifest(m: dict[str, Any]) -> tuple[ModelConfig, VQGANConfig, Sampli
         raise ValueError(f"VQGAN token grid {vqgan.token_grid} != decoder image grid {model.image_grid}")
     if model.num_codes > vqgan.n_embed:
         raise ValueError(f"num_codes {model.num_codes} exceeds the VQGAN codebook ({vqgan.n_embed})")
+    for token in ("text_bos_id", "text_pad_id", "text_eos_id"):
+        if getattr(model, token) >= model.text_vocab_size:
+            raise ValueError(f"model.{token} {getattr(model, token)} is not a row of the text embedding "
+                             f"(text_vocab_size {model.text_vocab_size})")
     ds = m.get("device_sampler")
     if ds is not None and not (isinstance(ds, dict) and _is_int(ds.get("kmax")) and ds["kmax"] >= 1):
         raise ValueError("device_sampler must be {\"kmax\": a positive integer}")

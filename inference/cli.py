@@ -38,6 +38,12 @@ class FiniteFloat(click.ParamType):
 FINITE_FLOAT = FiniteFloat()
 
 
+def _check_name(value: str | None, param: click.Parameter, ctx: click.Context) -> str | None:
+    if value is not None and not value.strip():
+        raise click.BadParameter("the model name must not be empty.", ctx, param)
+    return value
+
+
 def _setup_logging() -> None:
     root = logging.getLogger()
     if not root.handlers:
@@ -54,7 +60,8 @@ def _setup_logging() -> None:
               help="Decoder interface: inplace (CPU), present (GPU), sample (GPU: also samples on the device, "
                    "so steps replay as CUDA graphs; top_k at most 256); auto picks present for fp16.")
 @click.option("--random-weights", type=click.Choice(["mini", "mega"]), help="Full-size architecture with random weights (benchmarks only).")
-@click.option("--name", help="Model name for the manifest (default: from the checkpoint).")
+@click.option("--name", help="Model name for the manifest (default: from the checkpoint).",
+              callback=lambda ctx, param, v: _check_name(v, param, ctx))
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 def export_cmd(source: Path | None, out: Path, vqgan: Path | None, dtype: str, cache: str, random_weights: str | None,
                name: str | None, overwrite: bool) -> None:
@@ -68,6 +75,7 @@ def export_cmd(source: Path | None, out: Path, vqgan: Path | None, dtype: str, c
             raise click.UsageError("use either --from or --random-weights")
         from .config import MEGA, MINI, VQGAN_F16_16384
 
+        ex.check_out_dir(out, [], overwrite)            # before minutes of building
         click.echo(f"building DALL·E {random_weights.capitalize()} with random weights (benchmarks only)...", err=True)
         parts = ex.build_parts(MINI if random_weights == "mini" else MEGA, VQGAN_F16_16384)
         with tempfile.TemporaryDirectory() as tmp:
@@ -82,10 +90,13 @@ def export_cmd(source: Path | None, out: Path, vqgan: Path | None, dtype: str, c
             raise click.UsageError("--from DIR is required (or --random-weights mini|mega)")
         from .convert import load_checkpoint
 
+        # before the (long) conversion: --out must not be, or hold, what is being converted
+        ex.check_out_dir(out, [source, *([vqgan] if vqgan else [])], overwrite)
         with load_checkpoint(source, vqgan, progress=lambda m: click.echo(m, err=True)) as ckpt:
             bundle = ex.export_bundle(ckpt.parts, ckpt.tokenizer_dir, out, name=name or ckpt.name, dtype=dt,
                                       cache=cache, provenance=ckpt.provenance, license=ckpt.license,
-                                      overwrite=overwrite, description=f"converted from {ckpt.source_format}")
+                                      overwrite=overwrite, description=f"converted from {ckpt.source_format}",
+                                      keep=[source, Path(ckpt.provenance["vqgan_source"])])
     report = bundle.manifest.get("provenance", {}).get("int8_report")
     if report:
         click.echo(f"int8 vs fp32 decoder step: max |logit diff| {report['max_abs_logit_diff']:.4g}, "
@@ -216,8 +227,18 @@ def generate_cmd(prompt: str | None, prompts_file: Path | None, out_dir: Path | 
         for start in range(0, len(items), batch):
             chunk = items[start:start + batch]
             done = bar.n
-            images = pipe.generate([text for _, text in chunk], n_images, [seed] * len(chunk),
-                                   progress=lambda t, _n: bar.update(done + t * len(chunk) - bar.n), **sampling)
+            try:
+                images = pipe.generate([text for _, text in chunk], n_images, [seed] * len(chunk),
+                                       progress=lambda t, _n: bar.update(done + t * len(chunk) - bar.n), **sampling)
+            except MemoryError:
+                raise InferenceError(f"out of memory generating {len(chunk) * n_images} images at once; "
+                                     "lower --n or --batch") from None
+            except Exception as e:  # onnxruntime's own exception types (a damaged bundle, no memory left)
+                if not type(e).__module__.startswith("onnxruntime"):
+                    raise
+                lines = str(e).strip().splitlines()
+                raise InferenceError(f"onnxruntime failed while generating ({lines[0][:300] if lines else type(e).__name__})"
+                                     f"; if this repeats, re-export or re-copy the bundle {model}") from None
             for (line, _), ims in zip(chunk, images):
                 im = make_grid(ims)
                 if upscale:

@@ -44,6 +44,12 @@ from .model import DalleBartDecoder, DalleBartEncoder, VQGANDecoder
 # Flax msgpack
 
 
+_NUMERIC_KINDS = "biuf"     # bool, signed, unsigned, float: what a parameter can be converted from
+# what a malformed msgpack tree raises while it is read and its chunked arrays joined
+_MSGPACK_ERRORS = (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError,
+                   msgpack.UnpackException)
+
+
 def _bfloat16_to_float32(u16: np.ndarray) -> np.ndarray:
     return (u16.astype(np.uint32) << 16).view(np.float32)
 
@@ -55,7 +61,10 @@ def _ext_hook(code: int, payload: bytes) -> Any:
         if name == "bfloat16":
             arr = _bfloat16_to_float32(np.frombuffer(buf, dtype=np.uint16))
         else:
-            arr = np.frombuffer(buf, dtype=np.dtype(name))
+            dtype = np.dtype(name)
+            if dtype.kind not in _NUMERIC_KINDS:
+                raise ValueError(f"an array of {dtype} is not a parameter")
+            arr = np.frombuffer(buf, dtype=dtype)
         return arr.reshape(shape)
     if code == 2:                           # complex
         re_, im = msgpack.unpackb(payload)
@@ -79,11 +88,18 @@ def read_flax_msgpack(path: str | Path) -> dict[str, Any]:
     try:
         data = path.read_bytes()
         tree = msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)
-    except (OSError, ValueError, msgpack.UnpackException) as e:
-        raise CheckpointError(f"{path} is not a readable Flax msgpack checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(tree, dict):
-        raise CheckpointError(f"{path} does not hold a parameter tree")
-    return _unchunk(tree)
+        if not isinstance(tree, dict):
+            raise CheckpointError(f"{path} does not hold a parameter tree")
+        return _unchunk(tree)
+    except _MSGPACK_ERRORS as e:
+        raise CheckpointError(f"{path} is not a readable Flax msgpack checkpoint "
+                              f"({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _first_line(e: BaseException, limit: int = 150) -> str:
+    """The first line of an exception's message (empty messages included), for one-line errors."""
+    lines = str(e).splitlines()
+    return lines[0][:limit] if lines else ""
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, np.ndarray]]:
@@ -92,7 +108,10 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, np.nd
         if isinstance(v, dict):
             yield from flatten(v, key)
         else:
-            yield key, np.asarray(v)
+            try:
+                yield key, np.asarray(v)
+            except ValueError:       # ragged lists: not a parameter (load_checked names it)
+                yield key, np.asarray(v, dtype=object)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -109,6 +128,10 @@ def load_checked(module: nn.Module, tensors: dict[str, tuple[np.ndarray | torch.
     """Copy tensors into module, refusing anything missing, unexpected or of the wrong shape."""
     expected = module.state_dict()
     for key, (value, src) in tensors.items():
+        if not _is_numeric_array(value):
+            what_is = type(value).__name__ if not hasattr(value, "dtype") else f"an array of {value.dtype}"
+            raise CheckpointError(f"parameter {src.name} in {src.file} is {what_is}, not an array of numbers: "
+                                  "the file is corrupt or not a checkpoint")
         if key not in expected:
             raise CheckpointError(f"unexpected parameter {src.name} in {src.file} (no {what} parameter {key}); "
                                   "is this the right checkpoint for the config?")
@@ -125,6 +148,12 @@ def load_checked(module: nn.Module, tensors: dict[str, tuple[np.ndarray | torch.
         for key, (value, _) in tensors.items():
             t = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.array(value, dtype=np.float32))
             expected[key].copy_(t.to(torch.float32))   # state_dict tensors share the parameters' storage
+
+
+def _is_numeric_array(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return not (value.is_complex() or value.dtype in (torch.quint8, torch.qint8, torch.qint32))
+    return isinstance(value, np.ndarray) and value.dtype.kind in _NUMERIC_KINDS
 
 
 # --------------------------------------------------------------------------------------------------
@@ -160,7 +189,7 @@ def dallebart_from_flax(tree: dict[str, Any], cfg: ModelConfig, file: Path) -> t
         tree = tree["params"]
     if "model" not in tree or "lm_head" not in tree:
         raise CheckpointError(f"{file} is not a DalleBart checkpoint: expected root keys 'model' and 'lm_head', "
-                              f"found {sorted(tree)[:5]}")
+                              f"found {sorted(map(str, tree))[:5]}")
     out: dict[str, dict[str, tuple[np.ndarray, _Source]]] = {"encoder": {}, "decoder": {}}
     for path, value in flatten(tree):
         src = _Source(path, file)
@@ -236,9 +265,15 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises assorted errors for truncated or foreign files
         raise CheckpointError(f"{path} is not a readable PyTorch state dict ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:150]})") from None
+                              f"{_first_line(e)})") from None
     if not isinstance(sd, dict):
         raise CheckpointError(f"{path} does not hold a state dict")
+    for key, value in sd.items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"{path} is not a state dict: it has a key {key!r} that is not a parameter name")
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"parameter {key} in {path} is {type(value).__name__}, not a tensor: "
+                                  "the file is corrupt or not a state dict")
     return sd
 
 

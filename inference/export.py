@@ -27,6 +27,7 @@ import contextlib
 import copy
 import io
 import logging
+import os
 import shutil
 import time
 import warnings
@@ -367,21 +368,64 @@ def export_bundle(parts: ModelParts, tokenizer_dir: str | Path, out_dir: str | P
                   dtype: str = "float32", sampling: SamplingDefaults | None = None,
                   provenance: dict[str, Any] | None = None, license: str = "unknown",
                   description: str = "", random_weights: bool = False, overwrite: bool = False,
-                  cache: str = "auto", progress: bool = True) -> Bundle:
+                  cache: str = "auto", progress: bool = True, keep: tuple[Path, ...] | list[Path] = ()) -> Bundle:
     """Write a complete bundle (graphs, vocab.json + merges.txt from ``tokenizer_dir``, manifest).
 
     ``tokenizer_dir`` may also hold ``enwiki-words-frequency.txt`` (dalle-mini's hashtag splitter),
     which is then copied too. The manifest is written last, then the bundle is re-read and checked.
+    With ``overwrite`` an existing bundle is replaced only once the new one is complete; ``out`` may
+    not be or hold the tokenizer folder or any of ``keep`` (the checkpoint being converted).
     """
-    out = Path(out_dir)
+    final = Path(out_dir)
     tok = Path(tokenizer_dir)
+    if not (isinstance(name, str) and name.strip()):
+        raise InferenceError(f"the model name must be a non-empty text (got {name!r}); pass --name NAME")
     for f in TOKENIZER_FILES.values():
         if not (tok / f).is_file():
             raise InferenceError(f"tokenizer file {tok / f} is missing: a bundle needs vocab.json and merges.txt")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise InferenceError(f"{out} exists and is not empty; choose a new --out folder or remove it")
-        shutil.rmtree(out)
+    check_out_dir(final, [tok, *keep], overwrite)
+    replace = final.exists() and any(final.iterdir())
+    out = final.with_name(f".{final.name}.exporting-{os.getpid()}") if replace else final
+    if replace:
+        shutil.rmtree(out, ignore_errors=True)
+    try:
+        bundle = _export_into(out, parts, tok, name=name, dtype=dtype, sampling=sampling, provenance=provenance,
+                              license=license, description=description, random_weights=random_weights,
+                              cache=cache, progress=progress)
+    except BaseException:
+        if replace:                    # the old bundle stays as it was
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    if not replace:
+        return bundle
+    old = final.with_name(f".{final.name}.replaced-{os.getpid()}")
+    os.rename(final, old)
+    os.rename(out, final)
+    if old.is_symlink():               # --out was a link: the folder it pointed to is left alone
+        old.unlink()
+    else:
+        shutil.rmtree(old, ignore_errors=True)
+    return Bundle.open(final, verify=False)
+
+
+def check_out_dir(out: Path, keep: list[Path], overwrite: bool) -> None:
+    """--out: a folder (new, empty, or with --overwrite replaced) that is not and does not hold any
+    of ``keep``: replacing it must never delete the files being converted."""
+    if out.exists() and not out.is_dir():
+        raise InferenceError(f"--out {out} is a file, not a folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise InferenceError(f"{out} exists and is not empty; choose a new --out folder or remove it")
+    target = out.resolve()
+    for path in keep:
+        src = Path(path).resolve()
+        if src == target or target in src.parents:
+            raise InferenceError(f"--out {out} would replace {path}, which the export reads; "
+                                 "choose a folder outside the checkpoint")
+
+
+def _export_into(out: Path, parts: ModelParts, tok: Path, *, name: str, dtype: str,
+                 sampling: SamplingDefaults | None, provenance: dict[str, Any] | None, license: str,
+                 description: str, random_weights: bool, cache: str, progress: bool) -> Bundle:
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {}
     files = export_graphs(parts, out, dtype, cache, progress, report)

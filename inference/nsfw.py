@@ -109,8 +109,11 @@ class NsfwClassifier:
     def __init__(self, session: ort.InferenceSession, path: Path, batch_size: int = 16) -> None:
         self.session = session
         self.path = path
-        self.batch_size = batch_size
         self._input = session.get_inputs()[0].name
+        # a graph exported with a fixed batch size (often 1) takes exactly that many images per run
+        fixed = session.get_inputs()[0].shape[0]
+        self.fixed_batch = fixed if isinstance(fixed, int) and fixed >= 1 else None
+        self.batch_size = self.fixed_batch or max(1, batch_size)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None, threads: int = 0, provider: str = "cpu",
@@ -152,8 +155,12 @@ class NsfwClassifier:
             return np.zeros(0, dtype=np.float32)
         out = []
         for i in range(0, len(batch), self.batch_size):
-            probs = self.session.run(None, {self._input: batch[i:i + self.batch_size]})[0]  # (n, 2)
-            out.append(probs[:, 1])
+            chunk = batch[i:i + self.batch_size]
+            n = len(chunk)
+            if self.fixed_batch and n < self.fixed_batch:   # pad the last run to the graph's size
+                chunk = np.concatenate([chunk, np.zeros((self.fixed_batch - n, *chunk.shape[1:]), chunk.dtype)])
+            probs = self.session.run(None, {self._input: chunk})[0]  # (n, 2)
+            out.append(probs[:n, 1])
         return np.concatenate(out)
 
     def scores(self, images: Sequence[Image.Image]) -> list[float]:

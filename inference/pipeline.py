@@ -49,7 +49,7 @@ from PIL import Image
 
 from .bundle import (
     DECODER_FIXED_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, GRAPHS, SAMPLER_INPUTS, SAMPLER_OUTPUTS, TOKENIZER_FILES,
-    VQGAN_INPUTS, WORD_FREQUENCY_FILE, Bundle, decoder_kv_inputs,
+    VQGAN_INPUTS, VQGAN_OUTPUTS, WORD_FREQUENCY_FILE, Bundle, decoder_kv_inputs,
 )
 from .errors import BundleError, InferenceError, PromptError
 from .images import to_pil
@@ -184,11 +184,13 @@ class Pipeline:
                 plain = functools.partial(_session, bundle.graph(part), opts, providers, False)
         device = "cuda" if sessions["decoder"].get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         cfg = bundle.model
+        _check_interfaces(bundle, sessions)
         tok = BartTokenizer(bundle.path(TOKENIZER_FILES["vocab"]), bundle.path(TOKENIZER_FILES["merges"]),
                             text_length=cfg.text_length, bos_id=cfg.text_bos_id, pad_id=cfg.text_pad_id,
                             eos_id=cfg.text_eos_id)
         if tok.vocab_size > cfg.text_vocab_size:
-            raise BundleError(f"vocab.json has {tok.vocab_size} tokens but the encoder only {cfg.text_vocab_size} rows; "
+            raise BundleError(f"vocab.json has token ids up to {tok.vocab_size - 1} but the encoder only "
+                              f"{cfg.text_vocab_size} rows; "
                               "the bundle's tokenizer does not belong to its model")
         hashtags = HashtagSplitter.from_file(bundle.path(WORD_FREQUENCY_FILE)) if bundle.has(WORD_FREQUENCY_FILE) else None
         graph = _cuda_graph_enabled(sessions["decoder"])
@@ -540,6 +542,35 @@ class _SamplerState:
             val.update_inplace(np.ascontiguousarray(inputs[name]))
         for val, c in zip(self.cross, cross):
             val.update_inplace(c)
+
+
+def _check_interfaces(bundle: Bundle, sessions: dict[str, ort.InferenceSession]) -> None:
+    """The graphs' fixed dimensions agree with the manifest (an edited manifest otherwise loads and
+    then fails every request inside onnxruntime)."""
+    cfg, vq = bundle.model, bundle.vqgan
+    expect = [  # graph, input or output name, axis, manifest field, value
+        ("encoder", ENCODER_INPUTS[0], 1, "model.text_length", cfg.text_length),
+        ("decoder", "text_mask", 1, "model.text_length", cfg.text_length),
+        ("decoder", "past_key_0", 2, "model.image_grid (squared)", cfg.image_length),
+        ("decoder", DECODER_OUTPUTS[0], 1, "model.image_vocab_size (+ 1)", cfg.decoder_vocab_size),
+        ("vqgan", VQGAN_INPUTS[0], 1, "model.image_grid (squared)", cfg.image_length),
+        ("vqgan", VQGAN_OUTPUTS[0], 1, "vqgan.resolution", vq.resolution),
+    ]
+    for part, name, axis, field, value in expect:
+        sess = sessions[part]
+        args = {a.name: a for a in [*sess.get_inputs(), *sess.get_outputs()]}
+        arg = args.get(name)
+        if arg is None and name == DECODER_OUTPUTS[0] and SAMPLER_OUTPUTS[0] in args:
+            continue               # a decoder that samples on the device returns no logits
+        if arg is None:
+            raise BundleError(f"{GRAPHS[part]} of {bundle.root} has no {name}: it is not the {part} graph of a "
+                              "bundle (files swapped or replaced?); re-export the bundle")
+        shape = arg.shape
+        got = shape[axis] if len(shape) > axis else None
+        if isinstance(got, int) and got != value:
+            raise BundleError(f"{GRAPHS[part]} of {bundle.root} was exported for {name} dimension {got}, but "
+                              f"{bundle.root / 'manifest.json'} says {field} = {value}: the manifest does not "
+                              "match the graphs; re-export the bundle")
 
 
 def _bind(method: Callable[..., None], name: str, arr: np.ndarray) -> None:

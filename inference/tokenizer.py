@@ -37,7 +37,8 @@ class BartTokenizer:
         except Exception as e:  # tokenizers raises plain Exception subclasses for bad files
             raise BundleError(f"cannot read tokenizer files {vocab} / {merges} ({e}); re-export the bundle") from None
         self._tok.pre_tokenizer = ByteLevel(add_prefix_space=False)
-        self.vocab_size = len(vocab_map)
+        # rows an embedding needs for every id (ids need not be dense)
+        self.vocab_size = 1 + max((v for v in vocab_map.values() if isinstance(v, int)), default=-1)
         self.text_length, self.bos_id, self.pad_id, self.eos_id = text_length, bos_id, pad_id, eos_id
 
     def pieces(self, text: str) -> list[int]:

@@ -13,13 +13,87 @@ from pathlib import Path
 
 import click
 
-from ..cli import FINITE_FLOAT
+from ..cli import FINITE_FLOAT, SEED
+from ..errors import InferenceError
 from ..shipped import SHAPES_BUNDLE
 
 # evaluate() seeds batch i of prompts with seed * 1_000_003 + i (+ 7_777 for diversity), and the
 # pipeline takes seeds below 2**63: these bounds keep every derived seed in range.
 EVAL_MAX_PROMPTS = 1_000_000
 EVAL_MAX_SEED = 2**32 - 1
+
+
+POSITIVE = click.IntRange(1, None)
+
+
+class LearningRate(click.ParamType):
+    """A finite float above 0 (nan, inf, 0 or a negative rate would train garbage for hours)."""
+
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        rv = FINITE_FLOAT.convert(value, param, ctx)
+        if rv <= 0:
+            self.fail(f"{value!r} is not above 0.", param, ctx)
+        return rv
+
+
+LEARNING_RATE = LearningRate()
+
+
+def _check_ch_mult(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--vq-ch-mult: comma-separated whole numbers >= 1 (kept as the string the recipe parses)."""
+    if value is None:
+        return None
+    try:
+        ok = all(int(x) >= 1 for x in value.split(","))
+    except ValueError:
+        ok = False
+    if not ok:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of whole numbers >= 1, e.g. 1,2,4,8.",
+                                 ctx, param)
+    return value
+
+
+def _check_output(path: Path, option: str, image: bool = False) -> None:
+    """An output file of eval: not a folder, a PIL image type for the sheet, in a folder that exists
+    or can be made (made here, as the sheet's always was) and written to."""
+    import os
+
+    if path.is_dir():
+        raise InferenceError(f"{option} {path} is a folder; give a file name")
+    if image:
+        from PIL import Image
+
+        if path.suffix.lower() not in Image.registered_extensions():
+            raise InferenceError(f"{option} {path}: give an image file name, e.g. ending in .png")
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise InferenceError(f"cannot write {option} {path}: {parent} is not a folder") from None
+    except OSError as e:
+        raise InferenceError(f"cannot create the folder of {option} {path} ({e.strerror or type(e).__name__})") from None
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise InferenceError(f"cannot write {option} {path}: permission denied")
+
+
+def _check_device(device: str) -> None:
+    """--device: auto, or a torch device this machine has (checked before hours of work start)."""
+    import torch
+
+    if device == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise click.BadParameter(f"{device!r} is not a torch device: use auto, cpu, cuda or cuda:N.",
+                                 param_hint="'--device'") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count or (dev.index is not None and dev.index >= count):
+            raise click.BadParameter(f"{device!r}: torch sees {count} CUDA device(s) on this machine; "
+                                     "use --device cpu or auto.", param_hint="'--device'")
 
 
 def _group(root: click.Group, name: str, help: str) -> click.Group:
@@ -35,20 +109,20 @@ def _group(root: click.Group, name: str, help: str) -> click.Group:
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Training folder: checkpoints, logs, loss curves, the bundle (OUT/bundle).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--scenes", type=int, default=None, help="Rendered training scenes (default 60000).")
-@click.option("--vq-steps", type=int, default=None, help="VQ training steps (default 6000).")
-@click.option("--vq-batch", type=int, default=None)
-@click.option("--vq-lr", type=float, default=None)
-@click.option("--vq-ae-warmup", type=int, default=None,
+@click.option("--threads", type=click.IntRange(0, 4096), default=0, help="torch CPU threads (0 = torch's default).")
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--scenes", type=POSITIVE, default=None, help="Rendered training scenes (default 60000).")
+@click.option("--vq-steps", type=POSITIVE, default=None, help="VQ training steps (default 6000).")
+@click.option("--vq-batch", type=POSITIVE, default=None)
+@click.option("--vq-lr", type=LEARNING_RATE, default=None)
+@click.option("--vq-ae-warmup", type=click.IntRange(0, None), default=None,
               help="VQ steps as a plain autoencoder before the codebook is initialised (default 200).")
-@click.option("--vq-ch", type=int, default=None, help="VQGAN base channels.")
-@click.option("--vq-ch-mult", default=None, help="VQGAN channel multipliers, e.g. 1,2,4,8.")
-@click.option("--vq-norm-groups", type=int, default=None, help="VQGAN GroupNorm groups.")
-@click.option("--steps", type=int, default=None, help="Transformer training steps (default 6000).")
-@click.option("--batch", type=int, default=None, help="Transformer batch (default 64).")
-@click.option("--lr", type=float, default=None)
+@click.option("--vq-ch", type=POSITIVE, default=None, help="VQGAN base channels.")
+@click.option("--vq-ch-mult", default=None, callback=_check_ch_mult, help="VQGAN channel multipliers, e.g. 1,2,4,8.")
+@click.option("--vq-norm-groups", type=POSITIVE, default=None, help="VQGAN GroupNorm groups.")
+@click.option("--steps", type=POSITIVE, default=None, help="Transformer training steps (default 6000).")
+@click.option("--batch", type=POSITIVE, default=None, help="Transformer batch (default 64).")
+@click.option("--lr", type=LEARNING_RATE, default=None)
 @click.option("--dtype", type=click.Choice(["float32", "float16", "int8"]), default="float32", show_default=True,
               help="Bundle weights (int8: MatMul weights of the transformer quantised).")
 @click.option("--tune/--no-tune", default=True, show_default=True,
@@ -70,6 +144,7 @@ def train_shapes_cmd(out: Path, device: str, threads: int, seed: int, scenes: in
         raise click.ClickException("training needs torch: pip install 'dallebot[train]'") from None
     from ..training.pipeline import Recipe, _recipe_from_args, train_shapes
 
+    _check_device(device)
     if threads:
         torch.set_num_threads(threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -107,6 +182,10 @@ def eval_shapes_cmd(model: Path | None, n: int, seed: int, sheet: Path, diversit
     """Score a model on shapes-world prompts by the spec's rules (per attribute, unseen pairs)."""
     from .evaluate import contact_sheet, evaluate, pipeline_generator, renderer_generator
 
+    # where the results go is checked before the (possibly hours-long) evaluation, not after it
+    _check_output(sheet, "--sheet", image=True)
+    if json_out:
+        _check_output(json_out, "--json")
     if renderer:
         generate, name = renderer_generator(64), "renderer"
     else:
@@ -123,10 +202,16 @@ def eval_shapes_cmd(model: Path | None, n: int, seed: int, sheet: Path, diversit
     if timings:
         click.echo(f"speed: load {timings['load_s']:.2f} s, 4-image grid {timings['grid4_s']:.3f} s "
                    f"(median of {timings['runs']}, after load)")
-    click.echo(f"contact sheet: {contact_sheet(report, sheet)}")
-    if json_out:
-        json_out.write_text(json.dumps({"model": name, "seed": seed, **report.as_dict(), "speed": timings},
-                                       indent=2) + "\n", encoding="utf-8")
+    if json_out:   # first: the scores matter more than the picture
+        try:
+            json_out.write_text(json.dumps({"model": name, "seed": seed, **report.as_dict(), "speed": timings},
+                                           indent=2) + "\n", encoding="utf-8")
+        except OSError as e:
+            raise InferenceError(f"cannot write --json {json_out} ({e.strerror or type(e).__name__})") from None
+    try:
+        click.echo(f"contact sheet: {contact_sheet(report, sheet)}")
+    except OSError as e:
+        raise InferenceError(f"cannot write --sheet {sheet} ({e.strerror or type(e).__name__})") from None
 
 
 def measure_speed(bundle: Path, threads: int = 0, runs: int = 5) -> dict:

@@ -273,8 +273,21 @@ def _recipe_from_args(a: argparse.Namespace) -> Recipe:
     return replace(r, vq=vq, transformer=tf, vqgan=vqgan)
 
 
+MAX_SEED = 2**63 - 1     # as `dallebot generate` and `train shapes`: numpy and torch both take it
+
+
+def _seed_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{value} is not in the range 0<=x<={MAX_SEED}")
+    return value
+
+
 def add_recipe_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed_arg, default=0)
     p.add_argument("--scenes", type=int, default=Recipe.scenes, help="rendered training scenes")
     p.add_argument("--vq-steps", type=int)
     p.add_argument("--vq-batch", type=int)

@@ -15,8 +15,9 @@ from onnx import TensorProto, helper, numpy_helper
 INPUT, OUTPUT = "input_0", "probs"
 
 
-def build_tiny_nsfw_model(path: Path) -> Path:
-    """Write the model to ``path`` and return it."""
+def build_tiny_nsfw_model(path: Path, batch: int | str = "batch") -> Path:
+    """Write the model to ``path`` and return it (``batch``: the input's first dimension, a name
+    for any batch size or a fixed number)."""
     # (N, 224, 224, 3) BGR-mean -> mean over H, W -> (N, 3) -> logits (N, 2) -> softmax
     weight = np.array([[0.0, 0.0], [0.0, -0.1], [0.0, 0.1]], dtype=np.float32)  # rows: B, G, R
     # The means differ (G 117, R 123): undo them so the logit is 0.1 * (R - G) - 5.6.
@@ -30,8 +31,8 @@ def build_tiny_nsfw_model(path: Path) -> Path:
     ]
     graph = helper.make_graph(
         nodes, "tiny_nsfw",
-        [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["batch", 224, 224, 3])],
-        [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["batch", 2])],
+        [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, [batch, 224, 224, 3])],
+        [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, [batch, 2])],
         initializer=[numpy_helper.from_array(weight, "weight"), numpy_helper.from_array(bias, "bias"),
                      numpy_helper.from_array(axes, "axes")],
     )
