@@ -23,6 +23,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 ENV_CONFIG = "DALLEBOT_CONFIG"
 ENV_DATA_DIR = "DALLEBOT_DATA_DIR"
@@ -95,6 +96,9 @@ class ServerConfig:
     port: int = 8080
     # Key that signs session cookies; empty means one generated and kept in the data folder.
     session_secret: str = secret("")
+    # The address moderators open behind a reverse proxy ("https://mod.example.org"): its origin is
+    # accepted on dashboard forms and its scheme decides the cookies' Secure flag. Empty: the request's own.
+    public_url: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -371,6 +375,7 @@ def _validate(s: Settings) -> None:
         (s.model.provider in ("auto", "cpu", "cuda"), "model.provider", "must be one of auto, cpu, cuda"),
         _between("model.threads", s.model.threads, 0, 1024, " (0 lets onnxruntime decide)"),
         (0 < s.server.port < 65536, "server.port", "must be a TCP port (1-65535)"),
+        *_public_url_checks(s.server.public_url),
         (s.logging.level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "logging.level", "must be DEBUG, INFO, WARNING or ERROR"),
         (s.logging.format in ("text", "json"), "logging.format", "must be text or json"),
         _between("limits.user_burst_seconds", lim.user_burst_seconds, 1, DAY),
@@ -385,6 +390,43 @@ def _validate(s: Settings) -> None:
     for ok, key, why in checks:
         if not ok:
             raise ConfigError(f"{key} in {src} {why}")
+
+
+def public_origin(url: str) -> str:
+    """The browser origin (``scheme://host[:port]``, as in an ``Origin`` header: lower case, no default
+    port) of ``[server] public_url``; ValueError saying what is wrong with it."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError("must be an http(s) URL such as \"https://mod.example.org\", or empty")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("must not contain a user name or password")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or url.rstrip().endswith(("?", "#")):
+        raise ValueError("must be only scheme, host and port: the dashboard cannot be served under a path "
+                         "prefix, a query or a fragment")
+    host = parts.hostname or ""
+    if not host or not host.isascii() or any(c.isspace() or c in "\"'<>\\" for c in host):
+        raise ValueError("needs a valid ASCII host name (write an international name in its xn-- form)")
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ValueError("has a port that is not a number from 1 to 65535")
+    netloc = f"[{host}]" if ":" in host else host
+    if port is not None and port != {"http": 80, "https": 443}[scheme]:
+        netloc += f":{port}"
+    return f"{scheme}://{netloc}"
+
+
+def _public_url_checks(url: str) -> list[tuple[bool, str, str]]:
+    if not url:
+        return []
+    try:
+        public_origin(url)
+    except ValueError as exc:
+        return [(False, "server.public_url", f"{exc} (got {url[:200]!r})")]
+    return []
 
 
 def _url_ok(url: str, schemes: tuple[str, ...]) -> bool:

@@ -27,6 +27,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from bot import moderation
+from bot.config import public_origin
 from bot.dashboard import auth
 from bot.dashboard.render import STATIC_DIR, make_templates
 from bot.intake import PromptRejected
@@ -136,6 +137,9 @@ class Dashboard:
         self.mods = Moderators(app.queue, clock=clock, hasher=hasher, policy=login_policy)
         self.switches = Switches(app.queue, clock=clock)
         self.signer = auth.Signer(auth.load_secret(app.settings.server.session_secret, app.settings.data_dir))
+        # behind a reverse proxy: the origin moderators' browsers use (checked at config load)
+        url = app.settings.server.public_url
+        self.public = public_origin(url) if url else None
         self.templates = make_templates()
         self.refresh_ms = refresh_ms
         self.search_window = search_window
@@ -169,7 +173,7 @@ class Dashboard:
             if request.method == "POST":
                 form = await request.form()
                 given = form.get(auth.CSRF_FIELD) or request.headers.get(auth.CSRF_HEADER)
-                if not auth.same_origin(request) or not self.signer.csrf_ok(
+                if not auth.same_origin(request, self.public) or not self.signer.csrf_ok(
                         visit.seed, given if isinstance(given, str) else None):
                     _log.warning("refused POST %s from %s: missing or invalid CSRF token or foreign origin",
                                  request.url.path, auth.client_ip(request))
@@ -184,7 +188,8 @@ class Dashboard:
                                          "text here may contain.", status_code=400)
             response = await handler(request, visit)
             if visit.new_pre:
-                auth.set_cookie(response, request, auth.PRE_COOKIE, self.signer.sign(visit.new_pre), 3600)
+                auth.set_cookie(response, request, auth.PRE_COOKIE, self.signer.sign(visit.new_pre), 3600,
+                                self.public)
             return response
 
         return endpoint
@@ -193,7 +198,7 @@ class Dashboard:
         """A form posted after the session ended (idle timeout, logout, account removed): nothing is
         done; a page that says so and leads through the login form back to the page of the form."""
         referer = urlsplit(request.headers.get("referer") or "")
-        same = f"{referer.scheme}://{referer.netloc}" == f"{request.url.scheme}://{request.url.netloc}"
+        same = f"{referer.scheme}://{referer.netloc}" in auth.own_origins(request, self.public)
         page = auth.local_path(referer.path + (f"?{referer.query}" if referer.query else "") if same else None)
         return await self.render(
             request, visit, "error.html", status=403, title="Logged out",
@@ -239,7 +244,9 @@ class Dashboard:
         password = password if isinstance(password, str) else ""
         nxt = auth.local_path(visit.field("next", 1000))
         ip = auth.client_ip(request)
-        wait, attempt = await _run(self.mods.begin_attempt, name, ip)  # counted before it is checked
+        # Counted before it is checked, under a keyed hash of the name: throttling needs only equality,
+        # and a password typed into the name field must not be kept readable in login_attempts.
+        wait, attempt = await _run(self.mods.begin_attempt, self.signer.mac("login-name", name), ip)
         if wait > 0:
             _log.warning("dashboard login throttled from %s (retry in %.0fs)", ip, wait)
             return await self.render(
@@ -257,8 +264,8 @@ class Dashboard:
         _log.info("moderator %s logged in from %s", mod.name, ip)
         response = RedirectResponse(nxt, status_code=303)
         auth.set_cookie(response, request, auth.SESSION_COOKIE, self.signer.sign(token),
-                        int(self.mods.session_lifetime.total_seconds()))
-        auth.clear_cookie(response, request, auth.PRE_COOKIE)
+                        int(self.mods.session_lifetime.total_seconds()), self.public)
+        auth.clear_cookie(response, request, auth.PRE_COOKIE, self.public)
         return response
 
     async def logout(self, request: Request, visit: Visit) -> Response:
@@ -266,7 +273,7 @@ class Dashboard:
         if token:
             await _run(self.mods.end_session, token, actor=visit.actor)
         response = RedirectResponse("/login", status_code=303)
-        auth.clear_cookie(response, request, auth.SESSION_COOKIE)
+        auth.clear_cookie(response, request, auth.SESSION_COOKIE, self.public)
         return response
 
     # ---- the queue log and the held inbox ---------------------------------------------------------

@@ -6,13 +6,18 @@ Cookies
     refused without a database read. ``dallebot_pre`` is the same for a visitor not logged in yet; it
     only seeds the login form's CSRF token. Both are ``HttpOnly``, ``SameSite=Strict``, ``Path=/``, and
     ``Secure`` over HTTPS and on loopback addresses (which browsers treat as secure origins). Logging in
-    always issues a new session token (no session fixation).
+    always issues a new session token (no session fixation). With ``[server] public_url`` set (behind a
+    reverse proxy, where the scheme and host the app sees are the proxy's), ``Secure`` follows that
+    URL instead: a TLS-terminating proxy still gets Secure cookies, a plain-http one still gets cookies.
 
 CSRF
     A synchronizer token: ``HMAC(key, "csrf|" + token)`` of the session (or pre-session) token, put in
     every form as ``csrf_token`` (or sent as an ``X-CSRF-Token`` header) and compared in constant time.
     Unsafe requests must also not come from another site: ``Origin`` must be ours when present and
-    ``Sec-Fetch-Site`` must be ``same-origin`` when present. Nothing changes state on GET.
+    ``Sec-Fetch-Site`` must be ``same-origin`` when present. "Ours" is the request's own scheme and
+    ``Host``, or the origin of ``[server] public_url``: a proxy that rewrites ``Host`` (nginx's default
+    ``proxy_pass``) would otherwise make every form look foreign. ``X-Forwarded-Host`` is never trusted
+    (anyone can send it). Nothing changes state on GET.
 
 The signing key is ``[server] session_secret`` (or ``DALLEBOT_SERVER_SESSION_SECRET``); when empty,
 a random key is created once in ``<data dir>/session_secret`` (mode 0600) and reused.
@@ -113,29 +118,38 @@ class Signer:
         return hmac.compare_digest(given.encode("utf-8", "replace"), self.csrf_token(seed).encode())
 
 
-def cookie_secure(request: Request) -> bool:
-    return request.url.scheme == "https" or (request.url.hostname or "") in LOOPBACK
+def cookie_secure(request: Request, public: str | None = None) -> bool:
+    """Whether cookies get ``Secure``: from ``public`` (the ``[server] public_url`` origin) when set,
+    else from the request as received."""
+    url = urlsplit(public) if public else request.url
+    return url.scheme == "https" or (url.hostname or "") in LOOPBACK
 
 
-def set_cookie(response: Response, request: Request, name: str, value: str, max_age: int | None) -> None:
-    response.set_cookie(name, value, max_age=max_age, path="/", secure=cookie_secure(request), httponly=True,
-                        samesite="strict")
+def set_cookie(response: Response, request: Request, name: str, value: str, max_age: int | None,
+               public: str | None = None) -> None:
+    response.set_cookie(name, value, max_age=max_age, path="/", secure=cookie_secure(request, public),
+                        httponly=True, samesite="strict")
 
 
-def clear_cookie(response: Response, request: Request, name: str) -> None:
-    response.delete_cookie(name, path="/", secure=cookie_secure(request), httponly=True, samesite="strict")
+def clear_cookie(response: Response, request: Request, name: str, public: str | None = None) -> None:
+    response.delete_cookie(name, path="/", secure=cookie_secure(request, public), httponly=True,
+                           samesite="strict")
 
 
-def same_origin(request: Request) -> bool:
+def own_origins(request: Request, public: str | None = None) -> tuple[str, ...]:
+    """The origins this site has: the request's own, and the public URL's when one is configured."""
+    own = f"{request.url.scheme}://{request.url.netloc}"
+    return (own, public) if public else (own,)
+
+
+def same_origin(request: Request, public: str | None = None) -> bool:
     """False when the browser says an unsafe request comes from another site."""
     site = request.headers.get("sec-fetch-site")
     if site is not None and site not in ("same-origin", "none"):
         return False
     origin = request.headers.get("origin")
-    if origin is not None:
-        own = f"{request.url.scheme}://{request.url.netloc}"
-        if origin != own:
-            return False
+    if origin is not None and origin not in own_origins(request, public):
+        return False
     return True
 
 

@@ -315,6 +315,22 @@ def test_unknown_names_are_throttled_alike_and_per_address(app: App, moderator: 
         assert login(c, name="alice").status_code == 429
 
 
+def test_a_password_typed_into_the_name_field_is_not_stored(app: App, moderator: str) -> None:
+    """Login attempts are kept for throttling; their names are keyed hashes, still throttled per name."""
+    clock = FakeClock()
+    web = create_web_app(app, clock=clock, hasher=cheap_hasher())
+    with TestClient(web, follow_redirects=False) as c:
+        for _ in range(5):
+            assert login(c, name=PASSWORD, password="").status_code == 401
+        assert login(c, name="alice").status_code == 303  # another name is not held back by those
+        c.post("/logout", data={"csrf_token": csrf_of(c.get("/").text)})
+        assert login(c, name=PASSWORD, password="").status_code == 429  # the same name still is
+    with app.queue.db.read.connect() as conn:
+        names = conn.execute(sa.text("SELECT name FROM login_attempts")).scalars().all()
+    assert len(names) == 6
+    assert not [n for n in names if "horse" in n or n == "alice"], names
+
+
 class SlowHasher:
     """The cheap test hasher, with a slow verify (as argon2 is) that counts how often it ran."""
 
