@@ -27,6 +27,7 @@ from PIL import Image
 from bot.generation import GenerationJob, Generator
 from bot.logs import log_context
 from bot.metrics import Metrics
+from bot.model import JobError
 from bot.platforms.base import Delivery, DeliveryError, Platform
 from bot.safety import ImageClassifier, nsfw_hold_reason
 from storage.errors import DatabaseUnavailable, LeaseLost
@@ -89,6 +90,16 @@ class _RunFailed:
     (An exception *returned* by the generator is different: that request can never be generated.)"""
 
     error: Exception
+
+
+@dataclass
+class _PostState:
+    """One delivery attempt's knowledge of the platform: ``unknown``, the reply may be out (a crash
+    or a try that failed after its request was sent) and the platform has not been asked since;
+    ``found``, the reply was found there rather than posted by this attempt."""
+
+    unknown: bool = False
+    found: bool = False
 
 
 @dataclass
@@ -239,7 +250,9 @@ class Worker:
         """Save (as ``<id>/<k>-<run>.png``) and check one request's images; None when it failed
         (recorded here)."""
         if isinstance(imgs, Exception):  # this request can never be generated
-            self.metrics.failures.labels(reason="prompt_unreadable").inc()
+            # a seed or image count the model refuses is not an unreadable prompt
+            self.metrics.failures.labels(
+                reason="settings_unusable" if isinstance(imgs, JobError) else "prompt_unreadable").inc()
             try:
                 self.queue.fail(claim, r.id, str(imgs), permanent=True)
                 self.stats.failed += 1
@@ -330,19 +343,20 @@ class Worker:
         """Post one request's result (or, after a crash mid-post, find the reply already there)."""
         platform = self.platforms[r.platform]
         # Whether the reply may be out without the platform having said so: a recovery (a crash
-        # mid-post) until the platform has been asked. A failure meanwhile keeps it a recovery.
-        unknown = r.id in claim.recovering
+        # mid-post) until the platform has been asked, or a try that may have posted although it
+        # failed (timed out, connection lost). A failure meanwhile keeps it so: the retry asks first.
+        posting = _PostState(unknown=r.id in claim.recovering)
         try:
             with self.metrics.post_seconds.labels(platform=r.platform).time():
                 try:
                     found = None
-                    if unknown:
+                    if posting.unknown:
                         found = platform.find_delivery(r)
-                        unknown = False
+                        posting.unknown = False
                     if found is None and r.id in claim.final:  # out of attempts: nothing more is posted
                         raise DeliveryError("the delivery lease expired on the last attempt and no reply was "
                                             "found on the platform")
-                    delivery = found or self._post(claim, platform, r)
+                    delivery = found or self._post(claim, platform, r, posting)
                 except (DeliveryError, LeaseLost, DatabaseUnavailable):
                     raise
                 except Exception as exc:  # a bug or a local fault (missing image file, full disk)
@@ -355,7 +369,9 @@ class Worker:
             if posted.finished_at is not None:
                 self.metrics.request_seconds.labels(platform=r.platform).observe(
                     max(0.0, (posted.finished_at - posted.created_at).total_seconds()))
-            _log.info("posted reply %s%s", delivery.reply_id, " (found after a crash)" if found else "",
+            _log.info("posted reply %s%s", delivery.reply_id,
+                      " (found after a crash)" if found else
+                      " (found on the platform after a try that failed)" if posting.found else "",
                       extra={"request_id": r.id, "action": "posted"})
         except DeliveryError as exc:
             self.stats.delivery_failures += 1
@@ -363,17 +379,21 @@ class Worker:
                 reason="delivery_permanent" if exc.permanent else "delivery_transient").inc()
             try:
                 self.queue.delivery_failed(claim, r.id, str(exc), permanent=exc.permanent,
-                                           retry_after=exc.retry_after, posted_unknown=unknown)
+                                           retry_after=exc.retry_after, posted_unknown=posting.unknown)
             except LeaseLost:
                 self.stats.lost += 1
         except LeaseLost:
             self.stats.lost += 1
 
-    def _post(self, claim: Claim, platform: Platform, r: RequestRecord) -> Delivery:
+    def _post(self, claim: Claim, platform: Platform, r: RequestRecord, posting: _PostState) -> Delivery:
         """``platform.deliver`` with in-attempt retries (tenacity) for transient errors: exponential
         backoff with jitter, never shorter than the platform's Retry-After / rate-limit reset, for at
         most ``delivery_retry_seconds``. A permanent error, or a wait longer than what is left of
-        that budget, goes back to the queue (which honours ``retry_after`` across restarts)."""
+        that budget, goes back to the queue (which honours ``retry_after`` across restarts). After a
+        try that may have posted (``maybe_posted``), the next one first looks for the reply
+        (``find_delivery``) and posts only when it is not there; ``posting`` tells the caller whether
+        that is still unknown when the attempt ends (when it is the request's last attempt, the
+        platform is asked once more before the attempt fails)."""
         budget = self.delivery_retry_seconds
         backoff = tenacity.wait_exponential_jitter(multiplier=0.5, max=30, jitter=0.5)
 
@@ -394,10 +414,37 @@ class Worker:
 
         paths = [Path(p) for p in r.image_paths]
         # (the caller, _deliver_claimed, keeps the claim's lease renewed meanwhile)
-        for attempt in tenacity.Retrying(retry=tenacity.retry_if_exception(transient), wait=wait, stop=stop,
-                                         sleep=self.sleep, before_sleep=log_retry, reraise=True):
-            with attempt:
-                return platform.deliver(r, paths)
+        try:
+            for attempt in tenacity.Retrying(retry=tenacity.retry_if_exception(transient), wait=wait, stop=stop,
+                                             sleep=self.sleep, before_sleep=log_retry, reraise=True):
+                with attempt:
+                    if posting.unknown:
+                        found = platform.find_delivery(r)
+                        posting.unknown = False
+                        if found is not None:
+                            posting.found = True
+                            return found
+                    try:
+                        return platform.deliver(r, paths)
+                    except DeliveryError as exc:
+                        posting.unknown = exc.maybe_posted
+                        raise
+        except DeliveryError as exc:
+            if not (posting.unknown and r.attempts >= r.max_attempts and exc.retry_after is None
+                    and not exc.permanent):
+                raise
+            # The last attempt ends, and its last try may have posted: one look, so that a reply
+            # that is out does not leave its request dead (and open to being posted again).
+            try:
+                found = platform.find_delivery(r)
+            except Exception:
+                _log.warning("cannot look for the reply after the last try failed", exc_info=True)
+                raise exc from None
+            posting.unknown = False
+            if found is None:
+                raise
+            posting.found = True
+            return found
         raise AssertionError("unreachable")  # pragma: no cover
 
     # ---- drain ----------------------------------------------------------------------------

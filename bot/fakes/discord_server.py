@@ -131,6 +131,22 @@ class _Fault:
         return self.route in ("*", rec.route)
 
 
+@dataclasses.dataclass
+class _LostAnswer:
+    """Requests that are handled (a message is posted or edited) but whose answer is lost: the
+    connection is dropped (``late`` None) or the answer held for ``late`` seconds."""
+
+    route: str | Callable[[RecordedRequest], bool]
+    count: int
+    late: float | None
+    hits: int = 0
+
+    def matches(self, rec: RecordedRequest) -> bool:
+        if self.hits >= self.count:
+            return False
+        return bool(self.route(rec)) if callable(self.route) else self.route in ("*", rec.route)
+
+
 class _ApiError(Exception):
     def __init__(self, status: int, code: int, message: str, extra: dict[str, Any] | None = None) -> None:
         super().__init__(status, code, message)
@@ -220,6 +236,7 @@ class FakeDiscord:
         self.gateway_refused = 0
         self.resumes: list[dict[str, Any]] = []
         self._faults: list[_Fault] = []
+        self._lost: list[_LostAnswer] = []
         self._incoming: dict[str, RecordedAttachment] = {}
         self._changed: asyncio.Event | None = None
         self._runner: web.AppRunner | None = None
@@ -453,6 +470,15 @@ class FakeDiscord:
         self._faults.append(fault)
         return fault
 
+    def inject_lost_answer(self, route: str | Callable[[RecordedRequest], bool] = "*", *, count: int = 1,
+                           late: float | None = None) -> _LostAnswer:
+        """Handle the next ``count`` requests on ``route`` as usual (the message is posted), then
+        lose the answer: close the connection without one (a reset after the upload), or, with
+        ``late`` seconds, answer only then (a client that gave up waiting never sees it)."""
+        lost = _LostAnswer(route, count, late)
+        self._lost.append(lost)
+        return lost
+
     # ------------------------------------------------------------------ scripting: assertions
 
     async def wait_for(self, predicate: Callable[[FakeDiscord], Any], timeout: float = 5.0) -> Any:
@@ -647,6 +673,7 @@ class FakeDiscord:
                 for field, value in form.items():
                     if isinstance(value, web.FileField):
                         files.append((field, value.filename, value.file.read()))
+                        value.file.close()  # (aiohttp closes it only for a handler that is not cancelled)
                     elif field == "payload_json":
                         body = json.loads(value)
             elif request.can_read_body:
@@ -670,6 +697,14 @@ class FakeDiscord:
             finally:
                 self._notify()
             rec.status, rec.response = status, data
+            lost = next((f for f in self._lost if f.matches(rec)), None)
+            if lost is not None:
+                lost.hits += 1
+                if lost.late is None:  # handled, then the connection drops before any answer (aiohttp
+                    assert request.transport is not None  # then finds it closed and sends nothing)
+                    request.transport.abort()
+                else:
+                    await asyncio.sleep(lost.late)
             return self._json(status, data, bucket=bucket)
 
         return endpoint

@@ -55,7 +55,8 @@ on X) also carry ``x-user-limit-24hour-*`` and ``x-app-limit-24hour-*`` from 24-
 windows per user and for the whole app; a spent day is a 429 whose 15-minute
 headers still show requests left, as X answers it.  Faults can be injected on top: see
 :meth:`FakeX.inject_rate_limit` (also without rate-limit headers),
-:meth:`FakeX.inject_server_error`, :meth:`FakeX.inject_hang` (a server that does not answer) and
+:meth:`FakeX.inject_server_error`, :meth:`FakeX.inject_hang` (a server that does not answer),
+:meth:`FakeX.inject_late_answer` (a request acted on, its answer held) and
 :meth:`FakeX.inject_partial_error` (status 200 with only ``errors``).
 """
 
@@ -413,6 +414,7 @@ class FakeX:
         self.requests: list[RecordedXRequest] = []
         self.faults: list[XFault] = []
         self.hangs: list[XHang] = []
+        self.late_answers: list[XHang] = []
         self._windows: dict[tuple[str, str], tuple[float, int]] = {}
         self._day_windows: dict[tuple[str, str], tuple[float, int]] = {}
         self._redeliver: dict[str, int] = {}
@@ -462,7 +464,7 @@ class FakeX:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
-        for hang in list(self.hangs):
+        for hang in [*self.hangs, *self.late_answers]:
             hang.release()  # held requests finish, so the server can shut down
         if self._server is not None and self._thread is not None:
             self._server.should_exit = True
@@ -594,6 +596,15 @@ class FakeX:
             self.hangs.append(hang)
             return hang
 
+    def inject_late_answer(self, route: str = "*", *, count: int = 1, seconds: float = 30.0) -> XHang:
+        """Handle the next ``count`` requests to ``route`` at once (a post is made and listed), but
+        hold their answers until the returned :class:`XHang` is released (or ``seconds`` pass, or the
+        server stops): X acting on a call whose client gives up waiting (a read timeout)."""
+        with self._lock:
+            late = XHang(route, count, seconds)
+            self.late_answers.append(late)
+            return late
+
     def inject_server_error(self, route: str = "*", *, status: int = 503, count: int | None = 1,
                             duration: float | None = None) -> XFault:
         """Answer ``status`` (5xx) on ``route`` for ``count`` requests, or for
@@ -619,9 +630,10 @@ class FakeX:
     def clear_faults(self) -> None:
         with self._lock:
             self.faults.clear()
-            for hang in self.hangs:
+            for hang in [*self.hangs, *self.late_answers]:
                 hang.release()
             self.hangs.clear()
+            self.late_answers.clear()
 
     def replies_to(self, tweet: XTweet | str) -> list[XTweet]:
         tid = tweet if isinstance(tweet, str) else tweet.id
@@ -717,9 +729,14 @@ class FakeX:
                     headers.update(e.headers)
                 rec.status, rec.response, rec.response_headers = status, payload, dict(headers)
                 self.requests.append(rec)
+                late = next((h for h in self.late_answers if h.matches(key)), None)
+                if late is not None:
+                    late.held += 1
                 self._changed.notify_all()
             if form is not None:
                 await form.close()
+            if late is not None:  # handled, but the answer comes late (or never, for a client that gave up)
+                await asyncio.to_thread(late.released.wait, late.seconds)
             return JSONResponse(payload, status_code=status, headers=headers)
 
         return endpoint

@@ -19,12 +19,17 @@ class Delivery:
 
 class DeliveryError(Exception):
     """Posting failed. ``permanent`` errors (deleted or protected post) are not retried;
-    ``retry_after`` (seconds) is honoured when the platform says when to come back."""
+    ``retry_after`` (seconds) is honoured when the platform says when to come back.
+    ``maybe_posted``: the call may have gone through although it failed (a timeout or a dropped
+    connection after the request was sent, a server error): the reply may be out, so it is looked
+    for (:meth:`Platform.find_delivery`) before it is posted again."""
 
-    def __init__(self, message: str, *, permanent: bool = False, retry_after: float | None = None) -> None:
+    def __init__(self, message: str, *, permanent: bool = False, retry_after: float | None = None,
+                 maybe_posted: bool = False) -> None:
         super().__init__(message)
         self.permanent = permanent
         self.retry_after = retry_after
+        self.maybe_posted = maybe_posted
 
 
 class Platform(Protocol):

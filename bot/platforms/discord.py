@@ -16,6 +16,8 @@ client's event loop through ``asyncio.run_coroutine_threadsafe``)
     discord.py waits out 429s itself (``Retry-After``); one it does not (Cloudflare's ban page) is
     retried after its ``Retry-After``, or a minute. A missing channel, missing permissions, closed DMs
     or files over the upload limit fail without retry, and the request's message then shows that.
+    A delivery that fails after its request may have been sent (timed out, connection lost, a 5xx) is
+    a ``maybe_posted`` :class:`DeliveryError`: the worker looks for the result before posting again.
     A message whose token has run out is no longer followed.
 
 Start-up and outages
@@ -768,8 +770,10 @@ class DiscordPlatform:
             thread.join(30)
             self._own = self._loop = None
 
-    def _run(self, coro: Any) -> Any:
-        """Run ``coro`` on the client's loop from the worker's thread and wait for it."""
+    def _run(self, coro: Any, *, posting: bool = False) -> Any:
+        """Run ``coro`` on the client's loop from the worker's thread and wait for it. ``posting``:
+        ``coro`` posts, so a failure after its request may have been sent (timed out, connection
+        lost) is a :class:`DeliveryError` with ``maybe_posted``."""
         if self._loop is None:
             try:
                 self._own_loop()
@@ -795,13 +799,16 @@ class DiscordPlatform:
         try:
             return future.result(DELIVERY_TIMEOUT_S)
         except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise DeliveryError("Discord delivery timed out") from None
+            future.cancel()  # its request may have gone out: the result may be posted
+            raise DeliveryError("Discord delivery timed out", maybe_posted=posting) from None
         except (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError) as exc:  # Discord unreachable
-            raise DeliveryError(f"cannot reach Discord: {_reason(exc)}") from exc
+            # Only a connection never made is sure to have posted nothing: one lost after the upload
+            # (reset, no answer) may have left the result posted.
+            raise DeliveryError(f"cannot reach Discord: {_reason(exc)}",
+                                maybe_posted=posting and not _not_sent(exc)) from exc
 
     def deliver(self, request: RequestRecord, images: list[Path]) -> Delivery:
-        return self._run(self._deliver(request, [Path(p) for p in images]))
+        return self._run(self._deliver(request, [Path(p) for p in images]), posting=True)
 
     def find_delivery(self, request: RequestRecord) -> Delivery | None:
         return self._run(self._find(request))
@@ -859,7 +866,7 @@ class DiscordPlatform:
 
     def deliver_refusal(self, request: RequestRecord, message: str) -> Delivery:
         """A moderator rejected ``request``: say so in its message, or in the channel (DM if private)."""
-        return self._run(self._refuse(request, message))
+        return self._run(self._refuse(request, message), posting=True)
 
     async def _refuse(self, request: RequestRecord, message: str) -> Delivery:
         mention = f"<@{request.author_id}> "
@@ -992,4 +999,12 @@ def _delivery_error(exc: discord.HTTPException | discord.RateLimited) -> Deliver
     if exc.status in (400, 403, 404, 413):
         # Missing permissions, closed DMs, deleted channel, file too large: retrying will not help.
         return DeliveryError(f"Discord refused the result ({exc.status}/{exc.code}): {exc.text}", permanent=True)
-    return DeliveryError(f"Discord error {exc.status}: {exc.text}")
+    # A 5xx may come after Discord acted on the request (discord.py has even sent it again after a
+    # 500/502/504): the result may be posted.
+    return DeliveryError(f"Discord error {exc.status}: {exc.text}", maybe_posted=exc.status >= 500)
+
+
+def _not_sent(exc: BaseException) -> bool:
+    """Whether a connection error certainly came before the request was sent (no connection made)."""
+    return isinstance(exc, (aiohttp.ClientConnectorError, ConnectionRefusedError,
+                            aiohttp.ConnectionTimeoutError))

@@ -32,6 +32,9 @@ Delivery (the worker, in a thread)
     Images go through ``POST /2/media/upload``, OAuth 1.0a signed (:mod:`bot.x_media`; tweepy 4.17
     only wraps the deprecated v1.1 upload). The text has the request id (X refuses duplicate text)
     and no URL or prompt echo. ``[x] daily_post_budget`` replies per UTC day over all processes.
+    A post that fails after it may have reached X (a read timeout, a connection lost after sending,
+    a 5xx) is a ``maybe_posted`` :class:`DeliveryError`: the worker looks for the reply
+    (:meth:`XPlatform.find_delivery`) before posting again, and the budget slot stays counted.
 
 Rate limits
     A response hook on the tweepy session reads ``x-rate-limit-remaining/-reset`` (and the 24-hour
@@ -60,6 +63,7 @@ from typing import Any
 
 import requests
 import tweepy
+import urllib3
 from PIL import Image
 
 from bot.config import XConfig
@@ -164,6 +168,9 @@ class XPlatform:
         self._blocked_lock = threading.Lock()
         self._local = threading.local()  # the last upload response of this thread (for its errors)
         self._poll_failures = 0  # mention polls failed in a row
+        # Requests whose last try may have posted (timed out after sending): the budget slot it took
+        # stays counted, and the next try (or the reply found) uses it instead of a second one.
+        self._held_slots: set[int] = set()
         self._polls_to_skip = 0  # rounds left to skip before the next try (backoff)
         self._bot: tuple[str, str] | None = (
             (cfg.bot_user_id.strip(), _handle(cfg.bot_username))
@@ -444,14 +451,17 @@ class XPlatform:
             except tweepy.BadRequest as exc:
                 raise DeliveryError(f"X rejected the request: {exc}", permanent=True) from exc
             except (tweepy.TweepyException, requests.RequestException) as exc:
-                raise DeliveryError(f"X call failed: {exc}") from exc
+                # A post X may have made without answering (a timeout or a connection lost after it
+                # was sent, a 5xx): the worker looks for it before posting again.
+                raise DeliveryError(f"X call failed: {exc}", maybe_posted=route == "post" and _maybe_sent(exc)) from exc
         raise DeliveryError(f"X rate limit on {route}", retry_after=max(1.0, self.wait_needed(route)))
 
     def deliver(self, request: RequestRecord, images: list[Path]) -> Delivery:
         if not images:
             raise DeliveryError("no images to post", permanent=True)
-        if not self.posts.take(self.cfg.daily_post_budget):
+        if request.id not in self._held_slots and not self.posts.take(self.cfg.daily_post_budget):
             raise DeliveryError("the daily X posting budget is spent", retry_after=self.posts.seconds_to_reset())
+        self._held_slots.discard(request.id)
         reply_to = str(request.options.get("reply_to") or request.external_id)
         try:
             wait = self.wait_needed("post")
@@ -479,6 +489,12 @@ class XPlatform:
         except XAnswerError as exc:  # a 200 without the post: nothing to show for it, try again
             self.posts.give_back()
             raise DeliveryError(str(exc)) from exc
+        except DeliveryError as exc:
+            if exc.maybe_posted:  # the reply may be out: its slot stays counted until we know
+                self._held_slots.add(request.id)
+            else:
+                self.posts.give_back()  # nothing was posted: a failed try does not spend the budget
+            raise
         except BaseException:
             self.posts.give_back()  # nothing was posted: a failed try does not spend the budget
             raise
@@ -538,6 +554,7 @@ class XPlatform:
             for t in resp.data or []:
                 replied = any(r.type == "replied_to" and str(r.id) == reply_to for r in (t.referenced_tweets or []))
                 if replied and (t.attachments or {}).get("media_keys"):
+                    self._held_slots.discard(request.id)  # the slot a timed-out try kept is this reply's
                     return self._delivery(str(t.id))
             token = (resp.meta or {}).get("next_token")
             if not token:
@@ -590,6 +607,23 @@ def _created_id(resp: Any) -> str:
     if not data or not data.get("id"):
         raise XAnswerError(f"X answered the post without its id: {_errors_text(resp.errors)}")
     return str(data["id"])
+
+
+def _maybe_sent(exc: BaseException) -> bool:
+    """Whether a call that failed with ``exc`` may have reached X and been acted on: not when no
+    connection was made (refused, unresolvable, connect timeout) or X refused it (an answer that
+    says so); yes for a read timeout, a connection lost after sending, a broken answer or a 5xx."""
+    if isinstance(exc, tweepy.TwitterServerError):
+        return True
+    if isinstance(exc, (requests.ConnectTimeout, requests.exceptions.ProxyError, requests.exceptions.SSLError)):
+        return False
+    if isinstance(exc, requests.ConnectionError):
+        reason = exc.args[0] if exc.args else None
+        reason = getattr(reason, "reason", reason)  # urllib3's MaxRetryError wraps the cause
+        return not isinstance(reason, (urllib3.exceptions.NewConnectionError,
+                                       urllib3.exceptions.ConnectTimeoutError))
+    return isinstance(exc, (requests.Timeout, requests.exceptions.ChunkedEncodingError,
+                            requests.exceptions.ContentDecodingError))
 
 
 def _overlapped(since: str | None) -> str | None:
