@@ -418,7 +418,10 @@ class Queue:
             return self._fenced(conn, claim, cur.id, expected, back,
                                 dict(clear, attempts=max(0, cur.attempts - 1), **when(retry_after)),
                                 action="retry", reason=f"{error} (come back in {retry_after:.0f}s)")
-        if cur.attempts >= cur.max_attempts:
+        # Out of attempts, but the reply may be out: stay `posting` for one last look on the platform
+        # (claim_deliveries makes the next claim a `last_check`), unless this was that look.
+        last_look = back == S.POSTING and cur.id not in claim.final
+        if cur.attempts >= cur.max_attempts and not last_look:
             return self._fenced(conn, claim, cur.id, expected, S.DEAD, dict(clear, finished_at=now),
                                 action="dead", reason=f"out of attempts ({cur.attempts}): {error}")
         delay = backoff_seconds(cur.attempts, self.policy.retry_base_seconds, self.policy.retry_max_seconds,

@@ -329,3 +329,24 @@ def test_enqueue_many_of_nothing_and_bad_status(queue: Queue) -> None:
     with pytest.raises(ValueError, match="cannot store a request as posted"):
         queue.enqueue_many([(new("m1"), Status.QUEUED, None), (new("m2"), Status.POSTED, None)])
     assert queue.stats().get("queued", 0) == 0  # nothing of a refused batch was stored
+
+
+def test_a_last_delivery_attempt_that_may_have_posted_gets_a_last_look_not_dead(queue: Queue, clock) -> None:
+    """Out of attempts, but the reply may be out (the platform could not be asked): the request stays
+    `posting` so that the next claim is a last look on the platform (posted if the reply is there);
+    only when that look cannot tell either is it dead."""
+    rid = queue.enqueue(new("m1")).request.id
+    queue.complete(queue.claim("w", 1), rid, ["/tmp/0.png"])
+    while True:
+        clock.advance(100_000)
+        d = queue.claim_deliveries("w", 1)
+        assert d.ids == [rid] and not d.final
+        if d.requests[0].attempts >= d.requests[0].max_attempts:
+            break
+        assert queue.delivery_failed(d, rid, "503").status == Status.GENERATED
+    rec = queue.delivery_failed(d, rid, "read timeout after sending", posted_unknown=True)
+    assert rec.status == Status.POSTING and rec.lease_token is None
+    clock.advance(100_000)
+    look = queue.claim_deliveries("w2", 1)
+    assert look.ids == [rid] and look.final == {rid}
+    assert queue.delivery_failed(look, rid, "timeline unreachable", posted_unknown=True).status == Status.DEAD
