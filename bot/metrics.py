@@ -29,6 +29,10 @@ class Metrics:
         self.images = Counter("dallebot_images_generated", "Images generated", registry=r)
         self.batches = Counter("dallebot_batches", "Generation batches run", registry=r)
         self.posted = Counter("dallebot_replies_posted", "Replies posted", ["platform"], registry=r)
+        # reason: generation_error (the model run failed), save_error (an image could not be written),
+        # prompt_unreadable (the model could not read the prompt), settings_unusable (a seed or image
+        # count the model refuses), delivery_permanent / delivery_transient (the platform refused the
+        # reply for good / for now), delivery_retry (a delivery retried within its attempt)
         self.failures = Counter("dallebot_failures", "Failures by reason", ["reason"], registry=r)
         self.refusals = Counter("dallebot_refusals", "Requests refused at intake, by reason", ["reason"],
                                 registry=r)
