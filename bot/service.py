@@ -267,14 +267,20 @@ class Service:
                                   next_run_time=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=60), **opts)
             # Platform adapters that take events by themselves (X poller, Discord gateway): started on
             # this loop; a worker-only process starts them for delivery only (no polling, no gateway).
+            # Started side by side: one slow to start (Discord's login waits up to its ready timeout
+            # on a host that does not answer) holds up neither the others nor the dashboard for long.
             intake = "intake" in self.roles
-            for platform in self.app.platforms.values():
-                if isinstance(platform, IntakeSource) and (intake or self.worker is not None):
-                    await platform.start(intake=intake)
-                    started.append(platform)
-                    if intake and platform.poll_interval:
-                        scheduler.add_job(self._job(platform.poll), "interval", seconds=platform.poll_interval,
-                                          id=f"poll-{platform.name}", **opts)
+            sources = [p for p in self.app.platforms.values()
+                       if isinstance(p, IntakeSource) and (intake or self.worker is not None)]
+            outcomes = await asyncio.gather(*(p.start(intake=intake) for p in sources), return_exceptions=True)
+            started.extend(p for p, out in zip(sources, outcomes) if not isinstance(out, BaseException))
+            for out in outcomes:
+                if isinstance(out, BaseException):
+                    raise out  # the first failure (a refused token...); the started ones are stopped below
+            for platform in started:
+                if intake and platform.poll_interval:
+                    scheduler.add_job(self._job(platform.poll), "interval", seconds=platform.poll_interval,
+                                      id=f"poll-{platform.name}", **opts)
             scheduler.start()
             loop = asyncio.get_running_loop()
             if handle_signals:  # SIGTERM/SIGINT: stop taking work, finish what is in flight

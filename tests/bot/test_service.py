@@ -337,3 +337,58 @@ def test_the_apps_local_platform_counts_its_prompt_filter_refusals_in_the_apps_m
     with open_app(s, auto_upgrade=True) as app:
         app.local.submit(app.queue, "a nude figure", user="u1")
         assert app.metrics.registry.get_sample_value("dallebot_refusals_total", {"reason": "prompt_filter"}) == 1
+
+
+class _GatedPlatform:
+    """A platform adapter (the service's IntakeSource interface) whose start waits for ``gate``."""
+
+    poll_interval = None
+
+    def __init__(self, name: str, gate: asyncio.Event, opens: asyncio.Event | None = None) -> None:
+        self.name, self.gate, self.opens = name, gate, opens
+        self.stopped = False
+
+    async def start(self, *, intake: bool) -> None:
+        if self.opens is not None:
+            self.opens.set()
+        await self.gate.wait()
+
+    async def poll(self) -> int:
+        return 0
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+
+async def test_platforms_start_side_by_side(tmp_path: Path) -> None:
+    """A platform slow to start (Discord's login waits up to its ready timeout on a host that does not
+    answer) does not hold up the others' start, nor the dashboard: the platforms start concurrently."""
+    from bot.app import open_app
+    from bot.config import load_settings
+    from bot.service import Service
+
+    settings = load_settings(env={"DALLEBOT_DATA_DIR": str(tmp_path)})
+    app = open_app(settings)
+    other_started = asyncio.Event()
+    slow = _GatedPlatform("slow", gate=other_started)           # waits until "fast" has started
+    fast = _GatedPlatform("fast", gate=asyncio.Event(), opens=other_started)
+    fast.gate.set()
+    app.platforms["slow"], app.platforms["fast"] = slow, fast  # type: ignore[assignment]
+    service = Service(app, roles=("intake",), sock=bind_free_socket())
+    task = asyncio.create_task(service.run(handle_signals=False))
+    try:
+        await asyncio.wait_for(other_started.wait(), 10)
+        await asyncio.sleep(0.2)
+        assert not task.done(), task.exception() if task.done() else None
+    finally:
+        service.stopping.set()
+        await asyncio.wait_for(task, 20)
+        app.close()
+    assert slow.stopped and fast.stopped
+
+
+def bind_free_socket() -> socket.socket:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    return s
