@@ -87,6 +87,9 @@ class ModelConfig:
     provider: str = "auto"
     # Intra-op threads for onnxruntime; 0 lets onnxruntime decide.
     threads: int = 0
+    # Most images one decoder run holds: a claimed batch with more is generated in several runs
+    # (same images, less memory at once). 0: no cap, the whole batch in one run.
+    max_images_per_run: int = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -374,6 +377,7 @@ def _validate(s: Settings) -> None:
         _between("queue.delivery_retry_seconds", q.delivery_retry_seconds, 0, DAY),
         (s.model.provider in ("auto", "cpu", "cuda"), "model.provider", "must be one of auto, cpu, cuda"),
         _between("model.threads", s.model.threads, 0, 1024, " (0 lets onnxruntime decide)"),
+        _between("model.max_images_per_run", s.model.max_images_per_run, 0, 16384, " (0: no cap)"),
         (0 < s.server.port < 65536, "server.port", "must be a TCP port (1-65535)"),
         *_public_url_checks(s.server.public_url),
         (s.logging.level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "logging.level", "must be DEBUG, INFO, WARNING or ERROR"),

@@ -16,15 +16,19 @@ _log = logging.getLogger(__name__)
 
 
 class PipelineGenerator:
-    """Runs a batch of jobs through one :class:`inference.pipeline.Pipeline` decoder batch.
+    """Runs a batch of jobs through :class:`inference.pipeline.Pipeline` decoder runs of at most
+    ``max_images_per_run`` images each (``[model] max_images_per_run``; None or 0: the whole batch
+    in one run). A job's images may span two runs: they come back whole and in order, the same
+    images as in one run.
 
     A job whose prompt the model cannot read (empty after the model's own normalisation) gets a
     :class:`PromptError` in its place instead of images, one whose seed or image count the model
     refuses a :class:`JobError`; the others still generate.
     """
 
-    def __init__(self, pipeline) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, pipeline, max_images_per_run: int | None = None) -> None:  # type: ignore[no-untyped-def]
         self.pipeline = pipeline
+        self.max_images_per_run = max_images_per_run
 
     def generate(self, jobs: Sequence[GenerationJob]) -> list[list[Image.Image] | Exception]:
         out: list[list[Image.Image] | Exception] = []
@@ -39,7 +43,8 @@ class PipelineGenerator:
                 out.append(exc)
         if good:
             images = self.pipeline.generate([jobs[i].prompt for i in good], n_images=[jobs[i].n_images for i in good],
-                                            seeds=[jobs[i].seed for i in good])
+                                            seeds=[jobs[i].seed for i in good],
+                                            max_images_per_run=self.max_images_per_run)
             for i, imgs in zip(good, images, strict=True):
                 out[i] = imgs
         return out
@@ -75,4 +80,4 @@ def load_generator(cfg: ModelConfig) -> Generator:
                           "or `dallebot train shapes`, or fix [model] bundle")
     pipe = Pipeline.load(path, threads=cfg.threads, provider=cfg.provider)
     _log.info("model loaded from %s", path)
-    return PipelineGenerator(pipe)
+    return PipelineGenerator(pipe, max_images_per_run=cfg.max_images_per_run)

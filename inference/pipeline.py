@@ -230,10 +230,13 @@ class Pipeline:
     def generate(self, prompts: Sequence[str], n_images: int | Sequence[int] = 1,
                  seeds: int | Sequence[int] | None = None, *, condition_scale: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, temperature: float | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> list[list[Image.Image]]:
-        """Images for each prompt, all in one encoder, decoder and VQGAN batch (see module doc)."""
+                 progress: Callable[[int, int], None] | None = None,
+                 max_images_per_run: int | None = None) -> list[list[Image.Image]]:
+        """Images for each prompt, all in one encoder, decoder and VQGAN batch (see module doc), or in
+        consecutive runs of at most ``max_images_per_run`` images (see ``generate_codes``)."""
         codes = self.generate_codes(prompts, n_images, seeds, condition_scale=condition_scale, top_k=top_k,
-                                    top_p=top_p, temperature=temperature, progress=progress)
+                                    top_p=top_p, temperature=temperature, progress=progress,
+                                    max_images_per_run=max_images_per_run)
         images = self.decode(np.concatenate(codes)) if codes else []
         out, at = [], 0
         for c in codes:
@@ -244,28 +247,57 @@ class Pipeline:
     def generate_codes(self, prompts: Sequence[str], n_images: int | Sequence[int] = 1,
                        seeds: int | Sequence[int] | None = None, *, condition_scale: float | None = None,
                        top_k: int | None = None, top_p: float | None = None, temperature: float | None = None,
-                       progress: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
+                       progress: Callable[[int, int], None] | None = None,
+                       max_images_per_run: int | None = None) -> list[np.ndarray]:
         """Like ``generate`` but returns the image codes: one (n_images, N) int64 array per prompt.
         ``progress(step, steps)`` is called after each decoder step; an exception it raises stops
-        the run (a way to cancel)."""
+        the run (a way to cancel).
+
+        ``max_images_per_run`` (None or 0: no cap) bounds the decoder batch: the images, in order,
+        are generated in consecutive runs of at most that many (a prompt's images may span runs).
+        Each image keeps its own random stream (seed, index within its prompt), so the codes are the
+        same whatever the cap. ``progress`` then counts the steps of all runs: (done, runs * N)."""
         if isinstance(prompts, str):
             raise PromptError("prompts must be a list of strings, not one string")
         if not prompts:
             return []
-        return self.start(prompts, n_images, seeds, condition_scale=condition_scale, top_k=top_k, top_p=top_p,
-                          temperature=temperature).run(progress)
-
-    def start(self, prompts: Sequence[str], n_images: int | Sequence[int] = 1,
-              seeds: int | Sequence[int] | None = None, *, condition_scale: float | None = None,
-              top_k: int | None = None, top_p: float | None = None, temperature: float | None = None
-              ) -> "Generation":
-        """Check the prompts, run the encoder and return a ``Generation`` whose decoder steps run as
-        it is iterated (``generate_codes`` runs it to the end)."""
-        if isinstance(prompts, str) or not prompts:
-            raise PromptError("prompts must be a non-empty list of strings")
+        if max_images_per_run is not None and (isinstance(max_images_per_run, bool)
+                                               or not isinstance(max_images_per_run, int) or max_images_per_run < 0):
+            raise InferenceError(f"max_images_per_run must be a whole number >= 0, got {max_images_per_run!r}")
+        sampling = dict(condition_scale=condition_scale, top_k=top_k, top_p=top_p, temperature=temperature)
         counts = [n_images] * len(prompts) if isinstance(n_images, int) else list(n_images)
-        if len(counts) != len(prompts) or any(n < 1 for n in counts):
-            raise InferenceError("n_images must be >= 1, one count per prompt")
+        cap = max_images_per_run or 0
+        if not cap or sum(counts) <= cap or len(counts) != len(prompts) or any(n < 1 for n in counts):
+            return self.start(prompts, n_images, seeds, **sampling).run(progress)   # one run (start checks)
+        seeds = self._seeds(prompts, seeds)
+        # consecutive runs of at most cap images: (prompt, first image, count) pieces
+        runs: list[list[tuple[int, int, int]]] = [[]]
+        room = cap
+        for p, n in enumerate(counts):
+            first = 0
+            while first < n:
+                if not room:
+                    runs.append([])
+                    room = cap
+                take = min(room, n - first)
+                runs[-1].append((p, first, take))
+                first += take
+                room -= take
+        steps = self.config.image_length
+        out: list[list[np.ndarray]] = [[] for _ in prompts]
+        for r, pieces in enumerate(runs):
+            def report(t: int, _n: int, done: int = r * steps) -> None:
+                if progress:
+                    progress(done + t, len(runs) * steps)
+            codes = self.start([prompts[p] for p, _, _ in pieces], [k for _, _, k in pieces],
+                               [seeds[p] for p, _, _ in pieces], first_image=[f for _, f, _ in pieces],
+                               **sampling).run(report)
+            for (p, _, _), c in zip(pieces, codes, strict=True):
+                out[p].append(c)
+        self.last_seeds = seeds
+        return [np.concatenate(c) for c in out]
+
+    def _seeds(self, prompts: Sequence[str], seeds: int | Sequence[int] | None) -> list[int]:
         if seeds is None:
             seeds = [secrets.randbits(31) for _ in prompts]
         elif isinstance(seeds, int):
@@ -275,13 +307,33 @@ class Pipeline:
             raise InferenceError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
         if any(not 0 <= s < 2**63 for s in seeds):
             raise InferenceError("seeds must be between 0 and 2**63 - 1")
+        return seeds
+
+    def start(self, prompts: Sequence[str], n_images: int | Sequence[int] = 1,
+              seeds: int | Sequence[int] | None = None, *, condition_scale: float | None = None,
+              top_k: int | None = None, top_p: float | None = None, temperature: float | None = None,
+              first_image: Sequence[int] | None = None) -> "Generation":
+        """Check the prompts, run the encoder and return a ``Generation`` whose decoder steps run as
+        it is iterated (``generate_codes`` runs it to the end). ``first_image`` (one per prompt,
+        default 0): the index, within its prompt, of the first image made here, so a prompt's images
+        can be made in several runs with the random streams they get in one."""
+        if isinstance(prompts, str) or not prompts:
+            raise PromptError("prompts must be a non-empty list of strings")
+        counts = [n_images] * len(prompts) if isinstance(n_images, int) else list(n_images)
+        if len(counts) != len(prompts) or any(n < 1 for n in counts):
+            raise InferenceError("n_images must be >= 1, one count per prompt")
+        firsts = [0] * len(prompts) if first_image is None else [int(f) for f in first_image]
+        if len(firsts) != len(prompts) or any(f < 0 for f in firsts):
+            raise InferenceError("first_image must be >= 0, one index per prompt")
+        seeds = self._seeds(prompts, seeds)
         self.last_seeds = seeds
         params = self.sampling_params(condition_scale=condition_scale, top_k=top_k, top_p=top_p,
                                       temperature=temperature)
         prepared = self.prepare(prompts)
         cfg = self.config
         n_steps = cfg.image_length
-        uniforms = np.concatenate([image_uniforms([s], n, n_steps) for s, n in zip(seeds, counts)])  # (B, N)
+        uniforms = np.concatenate([image_uniforms([s], f + n, n_steps)[f:]                        # (B, N)
+                                   for s, f, n in zip(seeds, firsts, counts)])
 
         # Encoder: row 0 = unconditional, row 1 + p = prompt p.
         uncond = self.tokenizer.unconditional()
