@@ -7,13 +7,18 @@ Passwords are hashed with argon2id at a low cost here (the production default is
 from __future__ import annotations
 
 import re
+import socket
 import struct
+import threading
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import uvicorn
 from argon2 import PasswordHasher
+from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
 from bot.app import App, open_app
@@ -104,3 +109,27 @@ def make_held(app: App, prompt: str = "a red circle", *, user: str = "bob", user
         p.write_bytes(png_bytes(rgb=(200, 40 + 80 * k, 40)))
         paths.append(str(p))
     return app.queue.complete(claim, rec.id, paths, [0.91, 0.12][:n_images], hold_reason=reason)
+
+
+def listen() -> tuple[socket.socket, int]:
+    """A socket bound to 127.0.0.1 on a port the OS picks, and the port."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    return sock, sock.getsockname()[1]
+
+
+def run_uvicorn(web: Starlette, sock: socket.socket) -> Iterator[None]:
+    """Serve ``web`` on a real uvicorn in a thread while the (one-item) generator is open."""
+    srv = uvicorn.Server(uvicorn.Config(web, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not srv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+        sock.close()

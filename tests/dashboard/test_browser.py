@@ -9,21 +9,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
 
 from bot.app import App
 from bot.web import create_web_app
 from bot.worker import Worker
 from storage.moderators import Moderators, Switches
-from tests.dashboard.conftest import PASSWORD, cheap_hasher, make_held
+from tests.dashboard.conftest import PASSWORD, cheap_hasher, listen, make_held, run_uvicorn
 
 CHROMIUM = os.environ.get("DALLEBOT_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -42,20 +38,9 @@ def browser() -> Iterator[Browser]:
 def server(app: App, moderator: str) -> Iterator[str]:
     """The dashboard on a real uvicorn, on 127.0.0.1 and a port the OS picks."""
     web = create_web_app(app, hasher=cheap_hasher(), refresh_ms=300)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(web, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not srv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    sock, port = listen()
+    for _ in run_uvicorn(web, sock):
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture

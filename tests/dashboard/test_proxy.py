@@ -11,15 +11,11 @@ from __future__ import annotations
 
 import os
 import re
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from playwright.sync_api import expect, sync_playwright
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -30,7 +26,8 @@ from bot.app import App, open_app
 from bot.config import ConfigError, load_settings
 from bot.web import create_web_app
 from storage.moderators import Moderators
-from tests.dashboard.conftest import PASSWORD, SESSION_SECRET, cheap_hasher, csrf_of, make_held
+from tests.dashboard.conftest import (PASSWORD, SESSION_SECRET, cheap_hasher, csrf_of, listen, make_held,
+                                      run_uvicorn)
 
 PUBLIC = "https://mod.example.org"
 
@@ -66,28 +63,6 @@ class Served:
                                     "Sec-Fetch-Site": "same-origin", "Cookie": pre})
         session = self.cookie(r, "dallebot_session").split(";", 1)[0] if r.status_code == 303 else ""
         return r, session
-
-
-def listen() -> tuple[socket.socket, int]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    return sock, sock.getsockname()[1]
-
-
-def run_uvicorn(web: Starlette, sock: socket.socket) -> Iterator[None]:
-    srv = uvicorn.Server(uvicorn.Config(web, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not srv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
 
 
 def serve(app: App) -> Iterator[Served]:

@@ -8,7 +8,6 @@ request ``posting``, so the next claim is a recovery that asks the platform)."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from storage.records import NewRequest, RequestRecord
 from storage.states import Status
 from tests.conftest import FakeClock
 from tests.e2e.adapter_support import LetterGenerator
+from tests.e2e.test_x_adapter import EpochClock, fake_x, xclock  # noqa: F401 (fixtures)
 
 POST_TWEET = "POST /2/tweets"
 TIMELINE = "GET /2/users/:id/tweets"
@@ -52,30 +52,6 @@ def actions(queue: Queue, rid: int) -> list[str]:
 
 
 # ---- X ----------------------------------------------------------------------------------------
-
-class EpochClock:
-    """A settable Unix clock shared by the fake X (rate-limit windows) and the adapter."""
-
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-@pytest.fixture
-def xclock() -> EpochClock:
-    return EpochClock()
-
-
-@pytest.fixture
-def fake_x(xclock: EpochClock) -> Iterator[FakeX]:
-    with FakeX(clock=xclock) as server:
-        yield server
-
 
 @pytest.fixture
 def x(fake_x: FakeX, queue: Queue, xclock: EpochClock) -> Iterator[XPlatform]:

@@ -36,7 +36,7 @@ from bot.worker import Worker
 from storage.queue import Queue
 from storage.states import Status
 from tests.e2e.adapter_support import LetterGenerator
-from tests.e2e.test_x_adapter import EpochClock, make_x, one_request
+from tests.e2e.test_x_adapter import EpochClock, fake_x, make_x, one_request, xclock  # noqa: F401 (fixtures)
 
 TIMEOUT = 10.0
 LOGGER = "bot.platforms.discord"
@@ -305,17 +305,6 @@ def test_the_service_stops_at_once_on_a_token_discord_refuses(tmp_path: Path) ->
 
 
 # ---- X -----------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def xclock() -> EpochClock:
-    return EpochClock()
-
-
-@pytest.fixture
-def fake_x(xclock: EpochClock) -> Iterator[FakeX]:
-    with FakeX(clock=xclock) as server:
-        yield server
 
 
 @pytest.fixture

@@ -59,6 +59,13 @@ def fake(xclock: EpochClock) -> Iterator[FakeX]:
         yield server
 
 
+@pytest.fixture
+def fake_x(xclock: EpochClock) -> Iterator[FakeX]:
+    """The fake X by another name, for modules that also run a fake Discord (``fake`` there)."""
+    with FakeX(clock=xclock) as server:
+        yield server
+
+
 def make_x(fake: FakeX, queue: Queue, xclock: EpochClock, **cfg: Any) -> XPlatform:
     settings = XConfig(enabled=True, api_base_url=fake.base_url, poll_interval=5.0, **fake.credentials(), **cfg)
     return XPlatform(settings, queue, clock=xclock, sleep=xclock.advance)

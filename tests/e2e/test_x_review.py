@@ -3,7 +3,6 @@ the fake X, the real queue."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,25 +15,8 @@ from storage.queue import Queue
 from storage.states import Status
 from tests.conftest import FakeClock
 from tests.e2e.adapter_support import LetterGenerator
-from tests.e2e.test_x_adapter import EpochClock, make_x, one_request, shown, work
-
-@pytest.fixture
-def xclock() -> EpochClock:
-    return EpochClock()
-
-
-@pytest.fixture
-def fake(xclock: EpochClock) -> Iterator[FakeX]:
-    with FakeX(clock=xclock) as server:
-        yield server
-
-
-@pytest.fixture
-def x(fake: FakeX, queue: Queue, xclock: EpochClock) -> Iterator[XPlatform]:
-    adapter = make_x(fake, queue, xclock)
-    yield adapter
-    adapter.client.session.close()
-
+from tests.e2e.test_x_adapter import (EpochClock, fake, make_x, one_request, shown, work,  # noqa: F401
+                                      x, xclock)  # fake, x, xclock: fixtures
 
 def test_a_mention_x_lists_late_is_still_read(fake: FakeX, x: XPlatform, queue: Queue, xclock: EpochClock,
                                               tmp_path: Path) -> None:
