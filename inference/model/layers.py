@@ -23,7 +23,10 @@ class BiasLayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, self.bias.shape, None, self.bias, self.eps)
+        # under CPU bf16 autocast x arrives in bf16 (layer_norm is not autocast there) and a float32
+        # bias breaks the backward pass; exported graphs never take this branch
+        bias = self.bias if self.bias.dtype == x.dtype else self.bias.to(x.dtype)
+        return F.layer_norm(x, self.bias.shape, None, bias, self.eps)
 
 
 class Attention(nn.Module):

@@ -127,11 +127,18 @@ def _group(root: click.Group, name: str, help: str) -> click.Group:
               help="Bundle weights (int8: MatMul weights of the transformer quantised).")
 @click.option("--tune/--no-tune", default=True, show_default=True,
               help="Choose the manifest's sampling defaults by measurement after export.")
+@click.option("--refine/--no-refine", default=True, show_default=True,
+              help="Stage 3: train the transformer further on the base model's own codes of new scenes.")
+@click.option("--refine-from", "refine_from", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Skip stages 1-2 and refine this float32 bundle (how shapes-v2 was made from shapes-v1).")
+@click.option("--refine-steps", type=POSITIVE, default=None, help="Stage 3 transformer steps (default 3000).")
+@click.option("--refine-scenes", type=POSITIVE, default=None, help="Stage 3 rendered scenes (default 120000).")
 def train_shapes_cmd(out: Path, device: str, threads: int, seed: int, scenes: int | None, vq_steps: int | None,
                      vq_batch: int | None, vq_lr: float | None, vq_ae_warmup: int | None, vq_ch: int | None, vq_ch_mult: str | None,
                      vq_norm_groups: int | None, steps: int | None, batch: int | None,
-                     lr: float | None, dtype: str, tune: bool) -> None:
-    """Train the shapes-world model end to end (VQGAN, transformer), export and tune the bundle.
+                     lr: float | None, dtype: str, tune: bool, refine: bool, refine_from: Path | None,
+                     refine_steps: int | None, refine_scenes: int | None) -> None:
+    """Train the shapes-world model end to end (VQGAN, transformer, refine), export and tune the bundle.
 
     Seeded and resumable: run the same command again to continue an interrupted run; finished
     stages are loaded, not retrained.
@@ -145,16 +152,25 @@ def train_shapes_cmd(out: Path, device: str, threads: int, seed: int, scenes: in
     from ..training.pipeline import Recipe, _recipe_from_args, train_shapes
 
     _check_device(device)
+    if refine_from is not None and not refine:
+        raise click.UsageError("--refine-from and --no-refine contradict each other")
+    if refine_from is not None and not (refine_from / "manifest.json").is_file():
+        raise click.BadParameter(f"{refine_from}: no model bundle there (manifest.json missing)",
+                                 param_hint="'--refine-from'")
     if threads:
         torch.set_num_threads(threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     ns = argparse.Namespace(seed=seed, scenes=scenes or Recipe.scenes, vq_steps=vq_steps, vq_batch=vq_batch,
                             vq_lr=vq_lr, vq_ae_warmup=vq_ae_warmup, vq_ch=vq_ch, vq_ch_mult=vq_ch_mult, vq_norm_groups=vq_norm_groups,
-                            steps=steps, batch=batch, lr=lr)
-    result = train_shapes(out, _recipe_from_args(ns), device=device, tune=tune, dtype=dtype)
+                            steps=steps, batch=batch, lr=lr, refine=refine, refine_steps=refine_steps,
+                            refine_scenes=refine_scenes)
+    result = train_shapes(out, _recipe_from_args(ns), device=device, tune=tune, dtype=dtype,
+                          refine_from=refine_from)
     click.echo(json.dumps({"bundle": result["bundle"], "sampling": result.get("sampling", {}).get("chosen"),
-                           "training": {k: result["training"].get(k) for k in (
-                               "vq_steps", "vq_seconds", "transformer_steps", "transformer_seconds")}},
+                           "training": {k: result.get("training", {}).get(k) for k in (
+                               "vq_steps", "vq_seconds", "transformer_steps", "transformer_seconds")},
+                           "refine": {k: result.get("refine", {}).get(k) for k in (
+                               "transformer_steps", "transformer_seconds", "wall_seconds")}},
                           indent=2))
 
 

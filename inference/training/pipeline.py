@@ -1,4 +1,5 @@
-"""The whole shapes-model recipe: data -> VQ -> codes -> transformer -> bundle -> tuned defaults -> eval.
+"""The whole shapes-model recipe: data -> VQ -> codes -> transformer -> base bundle -> refine
+(:mod:`inference.training.refine`) -> bundle -> tuned defaults -> eval.
 
 ``dallebot train shapes --out DIR`` calls :func:`train_shapes`. Every stage resumes: finished stages
 (``DIR/vq/final.pt``, ``DIR/transformer/final.pt``) are loaded, unfinished ones continue from their
@@ -26,12 +27,13 @@ from .data import SceneDataset, build_dataset, load_dataset, save_dataset
 from .text import load_tokenizer
 from .transformer import TransformerTrainConfig, make_token_data, shapes_model_config, train_transformer
 from ..config import VQGANConfig
+from .refine import RefineConfig
 from .vq import SHAPES_VQGAN, ShapesVQ, VQTrainConfig, encode_images, train_vq
 
 _log = logging.getLogger(__name__)
 
 TOKENIZER_DIR = Path(__file__).parent / "tokenizer"     # committed; re-made by train_tokenizer (tested)
-BUNDLE_NAME = "shapes-v1"
+BUNDLE_NAME = "shapes-v2"        # refined (stage 3); the stage-2 bundle before it is "shapes-v2-base"
 TEXT_VOCAB_ROWS = 512
 
 
@@ -42,6 +44,7 @@ class Recipe:
     vq: VQTrainConfig = field(default_factory=VQTrainConfig)
     transformer: TransformerTrainConfig = field(default_factory=TransformerTrainConfig)
     vqgan: dict[str, Any] = field(default_factory=SHAPES_VQGAN.to_dict)   # VQGANConfig fields
+    refine: RefineConfig | None = field(default_factory=RefineConfig)       # None: ship the base bundle
 
     @property
     def vqgan_config(self) -> VQGANConfig:
@@ -121,9 +124,24 @@ def train_models(out: Path, recipe: Recipe = Recipe(), *, device: str = "auto", 
     return summary
 
 
+DESCRIPTION = ("The project's own shapes-world model (64 px, 8x8 codes), trained from scratch by "
+               "`dallebot train shapes`.")
+WORLD = "shapes world (docs/model-card.md); held out: purple triangle, orange star, green square"
+
+
+def _training_provenance(summary: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "training": {k: summary.get(k) for k in ("device_name", "scenes", "vq_steps", "vq_seconds",
+                                                  "transformer_steps", "transformer_seconds",
+                                                  "transformer_final_loss")},
+        "vq_reconstruction_fully_correct": (summary.get("vq_recon") or {}).get("recon_fully_correct"),
+        "recipe": summary.get("recipe"),
+    }
+
+
 def export(out: Path, bundle_dir: Path, summary: dict[str, Any] | None = None, progress: bool = True,
-           dtype: str = "float32"):
-    """Export the trained parts with the engine's exporter (needs the ``train`` extra)."""
+           dtype: str = "float32", name: str = BUNDLE_NAME + "-base"):
+    """Export the stage 1-2 parts with the engine's exporter (needs the ``train`` extra)."""
     from ..bundle import SamplingDefaults
     from ..export import ModelParts, export_bundle
     from .transformer import load_transformer
@@ -132,20 +150,40 @@ def export(out: Path, bundle_dir: Path, summary: dict[str, Any] | None = None, p
     vq = load_vq(out / "vq")
     encoder, decoder = load_transformer(out / "transformer")
     summary = summary or json.loads((out / "training.json").read_text(encoding="utf-8"))
-    provenance = {
-        "trained_by": "dallebot train shapes (inference/training)",
-        "world": "shapes world (docs/model-card.md); held out: purple triangle, orange star, green square",
-        "training": {k: summary.get(k) for k in ("device_name", "scenes", "vq_steps", "vq_seconds",
-                                                  "transformer_steps", "transformer_seconds",
-                                                  "transformer_final_loss")},
-        "vq_reconstruction_fully_correct": (summary.get("vq_recon") or {}).get("recon_fully_correct"),
-        "recipe": summary.get("recipe"),
-    }
+    provenance = {"trained_by": "dallebot train shapes (inference/training)", "world": WORLD,
+                  **_training_provenance(summary)}
     return export_bundle(ModelParts(encoder, decoder, vq.vqgan).eval(), TOKENIZER_DIR, bundle_dir,
-                         name=BUNDLE_NAME, dtype=dtype, sampling=SamplingDefaults(condition_scale=3.0, top_k=32),
+                         name=name, dtype=dtype, sampling=SamplingDefaults(condition_scale=1.5, top_k=8,
+                                                                           temperature=0.6),
                          provenance=provenance, license="Apache-2.0", overwrite=True, progress=progress,
-                         description="The project's own shapes-world model (64 px, 8x8 codes), trained "
-                                     "from scratch by `dallebot train shapes`.")
+                         description=DESCRIPTION)
+
+
+def export_refined(out: Path, bundle_dir: Path, base_bundle: Path, refined: dict[str, Any], progress: bool = True,
+                   dtype: str = "float32"):
+    """Export the refined transformer with the base bundle's VQGAN; provenance names both stages."""
+    from ..bundle import SamplingDefaults
+    from ..export import ModelParts, export_bundle
+    from .from_bundle import load_parts
+    from .transformer import load_transformer
+
+    base = load_parts(base_bundle, check=False)
+    encoder, decoder = load_transformer(Path(refined.get("transformer_dir") or out / "refine" / "transformer"))
+    base_manifest = json.loads((base_bundle / "manifest.json").read_text(encoding="utf-8"))
+    base_prov = base_manifest.get("provenance", {})
+    provenance = {
+        "trained_by": "dallebot train shapes (inference/training): stages 1-2, then refine (stage 3)",
+        "world": WORLD,
+        **{k: base_prov.get(k) for k in ("training", "vq_reconstruction_fully_correct", "recipe")},
+        "refine": {k: refined.get(k) for k in ("base", "config", "device", "transformer_steps",
+                                               "transformer_seconds", "transformer_final_loss", "wall_seconds")}
+        | {"code_encoder_recon_fully_correct": (refined.get("recon") or {}).get("fully_correct")},
+    }
+    return export_bundle(ModelParts(encoder, decoder, base.vqgan).eval(), TOKENIZER_DIR, bundle_dir,
+                         name=BUNDLE_NAME, dtype=dtype, sampling=SamplingDefaults(**{
+                             k: v for k, v in base_manifest["sampling"].items()}),
+                         provenance=provenance, license="Apache-2.0", overwrite=True, progress=progress,
+                         description=DESCRIPTION)
 
 
 def set_sampling_defaults(bundle_dir: Path, sampling: dict[str, Any], tuning: dict[str, Any] | None = None) -> None:
@@ -201,12 +239,35 @@ def tune_sampling(bundle_dir: Path, n: int = 300, seed: int = 1000, grid: list[d
 
 def train_shapes(out: Path, recipe: Recipe = Recipe(), *, device: str = "auto", tune: bool = True,
                  bundle_dir: Path | None = None, progress: bool = True, dtype: str = "float32",
-                 **train_kw: Any) -> dict[str, Any]:
-    """Everything ``dallebot train shapes`` does; writes OUT/bundle and OUT/report.json."""
-    summary = train_models(out, recipe, device=device, progress=progress, **train_kw)
+                 refine_from: Path | None = None, **train_kw: Any) -> dict[str, Any]:
+    """Everything ``dallebot train shapes`` does; writes OUT/bundle and OUT/report.json.
+
+    ``refine_from``: skip stages 1-2 and refine this (float32) bundle instead (how shapes-v2 was
+    made from shapes-v1, whose training checkpoints were not kept)."""
+    from .refine import refine
+
     bundle_dir = bundle_dir or out / "bundle"
-    export(out, bundle_dir, summary, progress=progress, dtype=dtype)
-    result: dict[str, Any] = {"training": summary, "bundle": str(bundle_dir)}
+    result: dict[str, Any] = {"bundle": str(bundle_dir)}
+    base_bundle: Path | None = None
+    if refine_from is None:
+        summary = train_models(out, recipe, device=device, progress=progress, **train_kw)
+        result["training"] = summary
+        if recipe.refine is None:
+            export(out, bundle_dir, summary, progress=progress, dtype=dtype)
+        else:
+            base_bundle = out / "base-bundle"
+            export(out, base_bundle, summary, progress=progress)      # float32: refine reads it back
+    elif recipe.refine is None:
+        raise ValueError("refine_from needs a refine recipe")
+    else:
+        base_bundle = Path(refine_from)
+    if base_bundle is not None and recipe.refine is not None:
+        from .from_bundle import load_parts
+
+        refined = refine(out, load_parts(base_bundle), base_bundle, recipe.refine, device=device,
+                         progress=progress)
+        result["refine"] = refined
+        export_refined(out, bundle_dir, base_bundle, refined, progress=progress, dtype=dtype)
     if tune:
         result["sampling"] = tune_sampling(bundle_dir, progress=progress)
     (out / "report.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
@@ -270,7 +331,15 @@ def _recipe_from_args(a: argparse.Namespace) -> Recipe:
             vqgan[key] = getattr(a, f"vq_{key}")
     if getattr(a, "vq_ch_mult", None):
         vqgan["ch_mult"] = [int(x) for x in a.vq_ch_mult.split(",")]
-    return replace(r, vq=vq, transformer=tf, vqgan=vqgan)
+    refine = None
+    if getattr(a, "refine", True):
+        refine = replace(RefineConfig(), seed=a.seed)
+        if getattr(a, "refine_scenes", None):
+            refine = replace(refine, scenes=a.refine_scenes)
+        if getattr(a, "refine_steps", None):
+            refine = replace(refine, transformer=replace(refine.transformer, steps=a.refine_steps))
+        refine = replace(refine, transformer=replace(refine.transformer, seed=a.seed))
+    return replace(r, vq=vq, transformer=tf, vqgan=vqgan, refine=refine)
 
 
 MAX_SEED = 2**63 - 1     # as `dallebot generate` and `train shapes`: numpy and torch both take it

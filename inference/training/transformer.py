@@ -47,9 +47,12 @@ class TransformerTrainConfig:
     warmup: int = 200
     seed: int = 0
     cond_drop: float = 0.15          # caption dropout for classifier-free guidance
+    bf16: bool = False               # bfloat16 autocast on CPUs too (always on CUDA): 2.3x faster per
+                                     # step on this AVX512-BF16 machine, float32 master weights
     eval_every: int = 1000
     eval_prompts: int = 64
     checkpoint_every: int = 250
+    eval_sampling: tuple[float, int, float] = (3.0, 32, 1.0)   # condition scale, top-k, temperature
 
 
 @dataclass
@@ -115,19 +118,27 @@ def generation_report(encoder: DalleBartEncoder, decoder: DalleBartDecoder, vqga
 def train_transformer(work_dir: Path, data: TokenData, tok: Any, vqgan: VQGANDecoder,
                       cfg: TransformerTrainConfig = TransformerTrainConfig(),
                       model_cfg: ModelConfig | None = None, device: torch.device = torch.device("cpu"),
-                      progress: bool = True, budget_s: float | None = None
+                      progress: bool = True, budget_s: float | None = None,
+                      init: tuple[DalleBartEncoder, DalleBartDecoder] | None = None
                       ) -> tuple[DalleBartEncoder, DalleBartDecoder]:
     """Train (or resume) in ``work_dir``: ckpt.pt (resumable), final.pt (weights, when done),
-    history.jsonl, loss.png, sample_sheet.png. A finished run is loaded, not retrained."""
+    history.jsonl, loss.png, sample_sheet.png. A finished run is loaded, not retrained.
+    ``init``: start from these weights (fine-tuning) instead of a fresh initialisation."""
     work_dir.mkdir(parents=True, exist_ok=True)
     if (work_dir / "final.pt").is_file():
         return load_transformer(work_dir, device)
     ckpt_path = work_dir / "ckpt.pt"
+    if init is not None:
+        model_cfg = init[1].cfg
     model_cfg = model_cfg or shapes_model_config(num_codes=vqgan.cfg.n_embed, image_grid=vqgan.cfg.token_grid)
     torch.manual_seed(cfg.seed)
     encoder, decoder = DalleBartEncoder(model_cfg), DalleBartDecoder(model_cfg)
-    init_weights(encoder)
-    init_weights(decoder)
+    if init is None:
+        init_weights(encoder)
+        init_weights(decoder)
+    else:
+        encoder.load_state_dict(init[0].state_dict())
+        decoder.load_state_dict(init[1].state_dict())
     encoder.to(device)
     decoder.to(device)
     vqgan = vqgan.to(device).eval()
@@ -150,7 +161,7 @@ def train_transformer(work_dir: Path, data: TokenData, tok: Any, vqgan: VQGANDec
     u_ids, u_mask = torch.from_numpy(u.ids).to(device), torch.from_numpy(u.mask).to(device)
     bos = model_cfg.decoder_start_token_id
     m = len(data.ids)
-    amp = device.type == "cuda"
+    amp = device.type == "cuda" or cfg.bf16
     bar = progress_bar(range(start, total), desc="transformer", unit="step", initial=start, total=total,
                        disable=not progress)
     t0 = time.perf_counter()
@@ -183,12 +194,15 @@ def train_transformer(work_dir: Path, data: TokenData, tok: Any, vqgan: VQGANDec
         bar.set_postfix(loss=f"{loss.item():.3f}")
         last = step + 1 >= total
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last):
-            report = generation_report(encoder, decoder, vqgan, tok, cfg.eval_prompts, 777, device)
+            scale, top_k, temperature = cfg.eval_sampling
+            report = generation_report(encoder, decoder, vqgan, tok, cfg.eval_prompts, 777, device,
+                                       condition_scale=scale, top_k=top_k, temperature=temperature)
             encoder.train()
             decoder.train()
             rec["sample_fully_correct"] = report.fully_correct
             rec["sample_attributes"] = {k: v[0] for k, v in report.accuracy().items()}
-            bar.write(f"transformer step {step + 1}: loss {loss.item():.3f}, samples (scale 3, top-k 32) "
+            bar.write(f"transformer step {step + 1}: loss {loss.item():.3f}, samples (scale {scale:g}, "
+                      f"top-k {top_k}, temperature {temperature:g}) "
                       f"fully correct {report.fully_correct:.1%}: "
                       + " ".join(f"{k} {v[0]:.0%}" for k, v in report.accuracy().items()))
             try_artefact(contact_sheet, report, work_dir / "sample_sheet.png")

@@ -40,6 +40,10 @@ def _one_line_error(capsys, message: str) -> None:
     (["--lr", "nan"], "Invalid value for '--lr': 'nan' is not a finite number"),
     (["--vq-lr", "-0.001"], "Invalid value for '--vq-lr': '-0.001' is not above 0"),
     (["--vq-ch-mult", "1,x,4"], "Invalid value for '--vq-ch-mult': '1,x,4' is not a comma-separated list"),
+    (["--refine-steps", "0"], "Invalid value for '--refine-steps': 0 is not in the range x>=1"),
+    (["--refine-scenes", "-2"], "Invalid value for '--refine-scenes'"),
+    (["--refine-from", "nowhere"], "Invalid value for '--refine-from': nowhere: no model bundle there (manifest.json missing)"),
+    (["--refine-from", ".", "--no-refine"], "--refine-from and --no-refine contradict each other"),
 ])
 def test_train_shapes_refuses_bad_numbers_before_starting(tmp_path: Path, capsys, args, message) -> None:
     """--seed -1 rendered the scenes and then died in numpy with a traceback; 2**64 rendered 60000
