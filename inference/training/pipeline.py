@@ -168,6 +168,8 @@ def export_refined(out: Path, bundle_dir: Path, base_bundle: Path, refined: dict
     from .transformer import load_transformer
 
     base = load_parts(base_bundle, check=False)
+    if refined.get("vqgan"):        # stage 4b fine-tuned the VQGAN decoder
+        base.vqgan.load_state_dict(torch.load(refined["vqgan"], map_location="cpu", weights_only=False)["model"])
     encoder, decoder = load_transformer(Path(refined.get("transformer_dir") or out / "refine" / "transformer"))
     base_manifest = json.loads((base_bundle / "manifest.json").read_text(encoding="utf-8"))
     base_prov = base_manifest.get("provenance", {})

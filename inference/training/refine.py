@@ -48,7 +48,7 @@ from .common import (append_jsonl, load_checkpoint, lr_at, pick_device, progress
 from .data import build_dataset, render_batch, step_rng
 from .text import load_tokenizer
 from .transformer import TransformerTrainConfig, make_token_data, train_transformer
-from .vq import ShapesEncoder, pixels_to_tensor
+from .vq import ShapesEncoder, pixels_to_tensor, reconstruction_loss
 
 _log = logging.getLogger(__name__)
 
@@ -77,6 +77,10 @@ class RefineConfig:
     best_of: TransformerTrainConfig = field(default_factory=lambda: TransformerTrainConfig(
         steps=1500, batch=64, lr=2e-4, warmup=50, bf16=True, eval_every=750, eval_prompts=64,
         eval_sampling=(1.5, 8, 0.6)))
+    decoder_steps: int = 0        # stage 4b: fine-tune the VQGAN decoder on encoded scenes (0: off)
+    decoder_batch: int = 32
+    decoder_lr: float = 3e-4
+    decoder_small: float = 0.5    # share of each batch drawn from prompts with small objects
     recon_scenes: int = 200
     checkpoint_every: int = 250
 
@@ -189,6 +193,68 @@ def train_code_encoder(work: Path, images: np.ndarray, codes: np.ndarray, vqgan:
     return enc.eval()
 
 
+def _decoder_batch(rng: np.random.Generator, cfg: RefineConfig, n: int) -> np.ndarray:
+    """Rendered training scenes (held-out pairs excluded), ``decoder_small`` of them with small objects."""
+    from ..shapes.render import render
+
+    small = int(round(cfg.decoder_batch * cfg.decoder_small))
+    prompts = []
+    while len(prompts) < cfg.decoder_batch:
+        p = sample_prompt(rng, "exclude")
+        if len(prompts) >= small or "small" in p.split():
+            prompts.append(p)
+    return np.stack([render(parse(p), n, rng) for p in prompts])
+
+
+def train_decoder(work: Path, encoder: CodeEncoder, vqgan: VQGANDecoder, cfg: RefineConfig, device: torch.device,
+                  progress: bool = True) -> VQGANDecoder:
+    """Fine-tune a copy of the VQGAN decoder on fresh scenes through the code encoder (the codes
+    stay the base model's: the transformer's samples keep their meaning). ``work/vqgan.pt`` when done."""
+    import copy
+
+    work.mkdir(parents=True, exist_ok=True)
+    final = work / "vqgan.pt"
+    dec = copy.deepcopy(vqgan).to(device)
+    if final.is_file():
+        dec.load_state_dict(load_checkpoint(final, str(device))["model"])
+        return dec.eval()
+    for p in dec.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(dec.parameters(), cfg.decoder_lr)
+    ckpt = work / "vqgan-ckpt.pt"
+    start = 0
+    state = load_checkpoint(ckpt, str(device))
+    if state is not None:
+        dec.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+    g, t0 = vqgan.cfg.token_grid, time.perf_counter()
+    bar = progress_bar(range(start, cfg.decoder_steps), desc="VQGAN decoder", unit="step", initial=start,
+                       total=cfg.decoder_steps, disable=not progress)
+    dec.train()
+    for step in bar:
+        images = _decoder_batch(step_rng(cfg.seed, step, stream=6), cfg, vqgan.cfg.resolution)
+        codes = torch.from_numpy(encoder.codes(images, device)).to(device)
+        x = pixels_to_tensor(images, device)
+        z = dec.embedding(codes).view(len(codes), g, g, -1).permute(0, 3, 1, 2)
+        y = dec.decoder(dec.post_quant_conv(z))
+        loss = reconstruction_loss(y, x, 0.5, 3.0)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg.decoder_steps, cfg.decoder_lr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(dec.parameters(), 1.0)
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.decoder_steps:
+            append_jsonl(work / "vqgan-history.jsonl", {"step": step + 1, "loss": loss.item(),
+                                                        "secs": time.perf_counter() - t0})
+            save_checkpoint(ckpt, {"step": step + 1, "model": dec.state_dict(), "opt": opt.state_dict()})
+    bar.close()
+    save_checkpoint(final, {"model": dec.state_dict(), "config": cfg.to_dict()})
+    return dec.eval()
+
+
 def refine(out: Path, parts: ModelParts, base_bundle: Path, cfg: RefineConfig = RefineConfig(), *,
            device: str = "auto", progress: bool = True) -> dict[str, Any]:
     """Stages 1-4 above in ``out/refine``; returns a summary (also ``out/refine/refine.json``) and
@@ -209,6 +275,11 @@ def refine(out: Path, parts: ModelParts, base_bundle: Path, cfg: RefineConfig = 
     encoder = train_code_encoder(work, decode(vqgan, codes, dev), codes, vqgan, cfg, dev, progress)
     recon = recon_report(encoder, vqgan, dev, cfg.recon_scenes)
     _log.info("code encoder: reconstructions of fresh scenes %.1f%% fully correct", 100 * recon.fully_correct)
+    recon_tuned = None
+    if cfg.decoder_steps:
+        vqgan = train_decoder(work, encoder, vqgan, cfg, dev, progress)
+        recon_tuned = recon_report(encoder, vqgan, dev, cfg.recon_scenes)
+        _log.info("fine-tuned VQGAN decoder: reconstructions %.1f%% fully correct", 100 * recon_tuned.fully_correct)
     scene_codes = work / f"scene-codes-{cfg.scenes}-seed{cfg.seed}.npz"
     if scene_codes.is_file():
         with np.load(scene_codes) as z:
@@ -249,6 +320,8 @@ def refine(out: Path, parts: ModelParts, base_bundle: Path, cfg: RefineConfig = 
     summary = {
         "base": _base_provenance(base_bundle), "config": cfg.to_dict(), "device": str(dev),
         "samples_seconds": t_samples, "recon": recon.as_dict(), "best_of": best_of,
+        "recon_tuned_decoder": recon_tuned.as_dict() if recon_tuned else None,
+        "vqgan": str(work / "vqgan.pt") if cfg.decoder_steps else None,
         "transformer_dir": str(final_dir),
         "transformer_steps": final["steps"], "transformer_seconds": final["train_seconds"],
         "transformer_final_loss": final["final_loss"], "wall_seconds": time.perf_counter() - t0,

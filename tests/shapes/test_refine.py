@@ -105,3 +105,20 @@ def test_best_of_keeps_only_images_the_scorer_finds_fully_correct():
     for p, c in zip(prompts, codes):
         by_prompt.setdefault(p, []).append(c.tobytes())
     assert all(len(set(v)) == len(v) for v in by_prompt.values())       # distinct grids only
+
+
+def test_a_fine_tuned_vqgan_decoder_ships_in_the_refined_bundle(tmp_path, base_bundle):
+    parts = load_parts(base_bundle)
+    cfg = replace(TINY_REFINE, decoder_steps=2, decoder_batch=4)
+    summary = refine(tmp_path, parts, base_bundle, cfg, device="cpu", progress=False)
+    tuned = torch.load(summary["vqgan"], weights_only=False)["model"]
+    base = parts.vqgan.state_dict()
+    assert any(not torch.equal(tuned[k], base[k]) for k in base)
+    assert summary["recon_tuned_decoder"] is not None
+    pipeline.export_refined(tmp_path, tmp_path / "bundle", base_bundle, summary, progress=False)
+    shipped = load_parts(tmp_path / "bundle")          # parity-checked against onnxruntime
+    assert all(torch.equal(shipped.vqgan.state_dict()[k], tuned[k]) for k in tuned)
+    final = torch.load(tmp_path / "refine" / "transformer" / "final.pt", weights_only=False)["decoder"]
+    assert all(torch.equal(shipped.decoder.state_dict()[k], final[k]) for k in final)
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    assert manifest["name"] == "shapes-v2" and manifest["provenance"]["refine"]["base"]["name"] == "tiny-shapes"
