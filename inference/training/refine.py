@@ -135,7 +135,7 @@ def draw_samples(bundle_dir: Path, n: int, seed: int, progress: bool = True, thr
     for j, i in enumerate(progress_bar(batches, desc="samples", unit="batch", total=len(batches),
                                        disable=not progress)):
         chunk = prompts[i:i + batch]
-        out = pipe.generate_codes(chunk, n_images=1, seeds=[seed * 1_000_003 + i + k for k in range(len(chunk))],
+        out = pipe.generate_codes(chunk, n_images=1, seeds=[(seed * 1_000_003 + i + k) % 2**63 for k in range(len(chunk))],
                                   **SAMPLE_SETTINGS[j % len(SAMPLE_SETTINGS)])
         codes.extend(c[0] for c in out)
     return prompts, np.stack(codes)
@@ -358,7 +358,8 @@ def best_of_samples(bundle_dir: Path, vqgan: VQGANDecoder, cfg: RefineConfig, de
     for i in progress_bar(batches, desc="best-of", unit="batch", total=len(batches), disable=not progress):
         chunk = prompts[i:i + batch]
         grids = pipe.generate_codes(chunk, n_images=cfg.best_of_k,
-                                    seeds=[cfg.seed * 1_000_003 + 500_000_000 + i + j for j in range(len(chunk))])
+                                    seeds=[(cfg.seed * 1_000_003 + 500_000_000 + i + j) % 2**63
+                                           for j in range(len(chunk))])
         images = decode(vqgan, np.concatenate(grids), device)
         for j, (prompt, grid) in enumerate(zip(chunk, grids)):
             scene = parse(prompt)
