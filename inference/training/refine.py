@@ -31,7 +31,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -149,6 +149,41 @@ def recon_report(encoder: CodeEncoder, vqgan: VQGANDecoder, device: torch.device
     return Report([score_scene(p, parse(p), im) for p, im in zip(prompts, recon)], recon)
 
 
+def _resumable_training(work: Path, stem: str, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                        steps: int, lr: float, loss_at: Callable[[int], torch.Tensor], cfg: RefineConfig, device: torch.device,
+                        desc: str, progress: bool, clip: float | None = None) -> None:
+    """The loop both small refine trainings share: resume from ``work/<stem>-ckpt.pt``, cosine
+    learning rate, a checkpoint and a history line every ``checkpoint_every`` steps, and
+    ``work/<stem>.pt`` at the end. ``loss_at(step)`` returns the step's loss."""
+    ckpt = work / f"{stem}-ckpt.pt"
+    start = 0
+    state = load_checkpoint(ckpt, str(device))
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+    t0 = time.perf_counter()
+    bar = progress_bar(range(start, steps), desc=desc, unit="step", initial=start, total=steps,
+                       disable=not progress)
+    model.train()
+    for step in bar:
+        loss = loss_at(step)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps:
+            append_jsonl(work / f"{stem}-history.jsonl", {"step": step + 1, "loss": loss.item(),
+                                                         "secs": time.perf_counter() - t0})
+            save_checkpoint(ckpt, {"step": step + 1, "model": model.state_dict(), "opt": opt.state_dict()})
+    bar.close()
+    save_checkpoint(work / f"{stem}.pt", {"model": model.state_dict(), "config": cfg.to_dict()})
+
+
 def train_code_encoder(work: Path, images: np.ndarray, codes: np.ndarray, vqgan: VQGANDecoder,
                        cfg: RefineConfig, device: torch.device, progress: bool = True) -> CodeEncoder:
     """Train (or resume) the image -> codes classifier; ``work/encoder.pt`` when done."""
@@ -161,35 +196,15 @@ def train_code_encoder(work: Path, images: np.ndarray, codes: np.ndarray, vqgan:
     torch.manual_seed(cfg.seed)
     enc = CodeEncoder(vqgan.cfg, cfg.encoder_width).to(device)
     opt = torch.optim.AdamW(enc.parameters(), cfg.encoder_lr, weight_decay=0.01)
-    ckpt = work / "encoder-ckpt.pt"
-    start = 0
-    state = load_checkpoint(ckpt, str(device))
-    if state is not None:
-        enc.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        start = state["step"]
     g = vqgan.cfg.token_grid
     targets = torch.from_numpy(codes.astype(np.int64)).view(-1, g, g)
-    t0 = time.perf_counter()
-    bar = progress_bar(range(start, cfg.encoder_steps), desc="code encoder", unit="step", initial=start,
-                       total=cfg.encoder_steps, disable=not progress)
-    enc.train()
-    for step in bar:
+
+    def loss_at(step: int) -> torch.Tensor:
         pick = step_rng(cfg.seed, step, stream=5).integers(0, len(images), cfg.encoder_batch)
-        logits = enc(pixels_to_tensor(images[pick], device))
-        loss = F.cross_entropy(logits, targets[pick].to(device))
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg.encoder_steps, cfg.encoder_lr)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.encoder_steps:
-            append_jsonl(work / "encoder-history.jsonl", {"step": step + 1, "loss": loss.item(),
-                                                          "secs": time.perf_counter() - t0})
-            save_checkpoint(ckpt, {"step": step + 1, "model": enc.state_dict(), "opt": opt.state_dict()})
-    bar.close()
-    save_checkpoint(final, {"model": enc.state_dict(), "config": cfg.to_dict()})
+        return F.cross_entropy(enc(pixels_to_tensor(images[pick], device)), targets[pick].to(device))
+
+    _resumable_training(work, "encoder", enc, opt, cfg.encoder_steps, cfg.encoder_lr, loss_at, cfg, device,
+                        "code encoder", progress)
     return enc.eval()
 
 
@@ -221,37 +236,16 @@ def train_decoder(work: Path, encoder: CodeEncoder, vqgan: VQGANDecoder, cfg: Re
     for p in dec.parameters():
         p.requires_grad_(True)
     opt = torch.optim.Adam(dec.parameters(), cfg.decoder_lr)
-    ckpt = work / "vqgan-ckpt.pt"
-    start = 0
-    state = load_checkpoint(ckpt, str(device))
-    if state is not None:
-        dec.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        start = state["step"]
-    g, t0 = vqgan.cfg.token_grid, time.perf_counter()
-    bar = progress_bar(range(start, cfg.decoder_steps), desc="VQGAN decoder", unit="step", initial=start,
-                       total=cfg.decoder_steps, disable=not progress)
-    dec.train()
-    for step in bar:
+    g = vqgan.cfg.token_grid
+
+    def loss_at(step: int) -> torch.Tensor:
         images = _decoder_batch(step_rng(cfg.seed, step, stream=6), cfg, vqgan.cfg.resolution)
         codes = torch.from_numpy(encoder.codes(images, device)).to(device)
-        x = pixels_to_tensor(images, device)
         z = dec.embedding(codes).view(len(codes), g, g, -1).permute(0, 3, 1, 2)
-        y = dec.decoder(dec.post_quant_conv(z))
-        loss = reconstruction_loss(y, x, 0.5, 3.0)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg.decoder_steps, cfg.decoder_lr)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(dec.parameters(), 1.0)
-        opt.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.decoder_steps:
-            append_jsonl(work / "vqgan-history.jsonl", {"step": step + 1, "loss": loss.item(),
-                                                        "secs": time.perf_counter() - t0})
-            save_checkpoint(ckpt, {"step": step + 1, "model": dec.state_dict(), "opt": opt.state_dict()})
-    bar.close()
-    save_checkpoint(final, {"model": dec.state_dict(), "config": cfg.to_dict()})
+        return reconstruction_loss(dec.decoder(dec.post_quant_conv(z)), pixels_to_tensor(images, device), 0.5, 3.0)
+
+    _resumable_training(work, "vqgan", dec, opt, cfg.decoder_steps, cfg.decoder_lr, loss_at, cfg, device,
+                        "VQGAN decoder", progress, clip=1.0)
     return dec.eval()
 
 
