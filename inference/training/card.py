@@ -52,7 +52,7 @@ def render_card(train_dir: Path, eval_json: dict[str, Any], bundle_dir: Path, sh
             ("colour", "shape", "count", "position", "relation", "background")],
             ("unseen pairs", eval_json["unseen_pairs_fully_correct"]), ("diversity", eval_json.get("diversity"))]
     lines = [
-        "# Model card: shapes-v1, the embedded default model",
+        f"# Model card: {manifest['name']}, the embedded default model",
         "",
         "The model a fresh install uses when the configuration names none (`inference/shipped/shapes/`, "
         f"{size_mb:.1f} MB). It is a small DALL·E Mini: the same DalleBart text encoder, image-token decoder "

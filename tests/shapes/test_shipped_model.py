@@ -1,8 +1,8 @@
 """The shipped default model (inference/shipped/shapes): a small version of `dallebot eval shapes`.
 
 CI gate on 40 grammar prompts with the manifest's sampling defaults. Issue 4 asks for a gate at 75%
-fully correct; the shipped model (shapes-v1, sampling re-tuned in session 2) reaches 57.5% on these
-40 prompts (63% on 300, see docs/model-card.md), so this gate is set just below what it does, to catch regressions, and is to be
+fully correct; the shipped model (shapes-v2: shapes-v1 refined on its own codes of new scenes) reaches
+62.5% on these 40 prompts (68.7% on 300, see docs/model-card.md), so this gate is set just below what it does, to catch regressions, and is to be
 raised to GATE_TARGET once a model meets it.
 """
 
@@ -21,7 +21,7 @@ def test_shipped_bundle_is_complete_and_small():
 
 
 GATE_TARGET = 0.75  # what issue 4 asks for
-GATE_NOW = 0.50  # regression guard for shapes-v1 (measured: 0.575)
+GATE_NOW = 0.55  # regression guard for shapes-v2 (measured: 0.625; shapes-v1 measured 0.575)
 
 
 def test_shipped_model_follows_prompts():
