@@ -139,11 +139,21 @@ def _training_provenance(summary: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def export_parts(parts: Any, bundle_dir: Path, *, name: str, sampling: Any, provenance: dict[str, Any] | None = None,
+                 dtype: str = "float32", progress: bool = True):
+    """Every shapes bundle (base, refine rounds, refined) is written by this one call."""
+    from ..export import export_bundle
+
+    return export_bundle(parts.eval(), TOKENIZER_DIR, bundle_dir, name=name, dtype=dtype, sampling=sampling,
+                         provenance=provenance, license="Apache-2.0", overwrite=True, progress=progress,
+                         description=DESCRIPTION)
+
+
 def export(out: Path, bundle_dir: Path, summary: dict[str, Any] | None = None, progress: bool = True,
            dtype: str = "float32", name: str = BUNDLE_NAME + "-base"):
     """Export the stage 1-2 parts with the engine's exporter (needs the ``train`` extra)."""
     from ..bundle import SamplingDefaults
-    from ..export import ModelParts, export_bundle
+    from ..export import ModelParts
     from .transformer import load_transformer
     from .vq import load_vq
 
@@ -152,27 +162,29 @@ def export(out: Path, bundle_dir: Path, summary: dict[str, Any] | None = None, p
     summary = summary or json.loads((out / "training.json").read_text(encoding="utf-8"))
     provenance = {"trained_by": "dallebot train shapes (inference/training)", "world": WORLD,
                   **_training_provenance(summary)}
-    return export_bundle(ModelParts(encoder, decoder, vq.vqgan).eval(), TOKENIZER_DIR, bundle_dir,
-                         name=name, dtype=dtype, sampling=SamplingDefaults(condition_scale=1.5, top_k=8,
-                                                                           temperature=0.6),
-                         provenance=provenance, license="Apache-2.0", overwrite=True, progress=progress,
-                         description=DESCRIPTION)
+    return export_parts(ModelParts(encoder, decoder, vq.vqgan), bundle_dir, name=name, dtype=dtype,
+                        sampling=SamplingDefaults(condition_scale=1.5, top_k=8, temperature=0.6),
+                        provenance=provenance, progress=progress)
 
 
 def export_refined(out: Path, bundle_dir: Path, base_bundle: Path, refined: dict[str, Any], progress: bool = True,
-                   dtype: str = "float32"):
-    """Export the refined transformer with the base bundle's VQGAN; provenance names both stages."""
-    from ..bundle import SamplingDefaults
-    from ..export import ModelParts, export_bundle
+                   dtype: str = "float32", base_parts: Any = None):
+    """Export the refined transformer with the base bundle's VQGAN; provenance names both stages.
+    ``base_parts``: the base bundle already read back by :func:`load_parts` (else it is read here)."""
+    import copy
+
+    from ..bundle import Bundle
+    from ..export import ModelParts
     from .from_bundle import load_parts
     from .transformer import load_transformer
 
-    base = load_parts(base_bundle, check=False)
+    base = Bundle.open(base_bundle, verify=False)
+    vqgan = (base_parts or load_parts(base_bundle, check=False)).vqgan
     if refined.get("vqgan"):        # stage 4b fine-tuned the VQGAN decoder
-        base.vqgan.load_state_dict(torch.load(refined["vqgan"], map_location="cpu", weights_only=False)["model"])
+        vqgan = copy.deepcopy(vqgan)
+        vqgan.load_state_dict(torch.load(refined["vqgan"], map_location="cpu", weights_only=False)["model"])
     encoder, decoder = load_transformer(Path(refined.get("transformer_dir") or out / "refine" / "transformer"))
-    base_manifest = json.loads((base_bundle / "manifest.json").read_text(encoding="utf-8"))
-    base_prov = base_manifest.get("provenance", {})
+    base_prov = base.manifest.get("provenance", {})
     provenance = {
         "trained_by": "dallebot train shapes (inference/training): stages 1-2, then refine (stage 3)",
         "world": WORLD,
@@ -181,11 +193,8 @@ def export_refined(out: Path, bundle_dir: Path, base_bundle: Path, refined: dict
                                                "transformer_seconds", "transformer_final_loss", "wall_seconds")}
         | {"code_encoder_recon_fully_correct": (refined.get("recon") or {}).get("fully_correct")},
     }
-    return export_bundle(ModelParts(encoder, decoder, base.vqgan).eval(), TOKENIZER_DIR, bundle_dir,
-                         name=BUNDLE_NAME, dtype=dtype, sampling=SamplingDefaults(**{
-                             k: v for k, v in base_manifest["sampling"].items()}),
-                         provenance=provenance, license="Apache-2.0", overwrite=True, progress=progress,
-                         description=DESCRIPTION)
+    return export_parts(ModelParts(encoder, decoder, vqgan.cpu()), bundle_dir, name=BUNDLE_NAME, dtype=dtype,
+                        sampling=base.sampling, provenance=provenance, progress=progress)
 
 
 def set_sampling_defaults(bundle_dir: Path, sampling: dict[str, Any], tuning: dict[str, Any] | None = None) -> None:
@@ -266,10 +275,10 @@ def train_shapes(out: Path, recipe: Recipe = Recipe(), *, device: str = "auto", 
     if base_bundle is not None and recipe.refine is not None:
         from .from_bundle import load_parts
 
-        refined = refine(out, load_parts(base_bundle), base_bundle, recipe.refine, device=device,
-                         progress=progress)
+        parts = load_parts(base_bundle)
+        refined = refine(out, parts, base_bundle, recipe.refine, device=device, progress=progress)
         result["refine"] = refined
-        export_refined(out, bundle_dir, base_bundle, refined, progress=progress, dtype=dtype)
+        export_refined(out, bundle_dir, base_bundle, refined, progress=progress, dtype=dtype, base_parts=parts)
     if tune:
         result["sampling"] = tune_sampling(bundle_dir, progress=progress)
     (out / "report.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
@@ -335,12 +344,10 @@ def _recipe_from_args(a: argparse.Namespace) -> Recipe:
         vqgan["ch_mult"] = [int(x) for x in a.vq_ch_mult.split(",")]
     refine = None
     if getattr(a, "refine", True):
-        refine = replace(RefineConfig(), seed=a.seed)
-        if getattr(a, "refine_scenes", None):
-            refine = replace(refine, scenes=a.refine_scenes)
-        if getattr(a, "refine_steps", None):
-            refine = replace(refine, transformer=replace(refine.transformer, steps=a.refine_steps))
-        refine = replace(refine, transformer=replace(refine.transformer, seed=a.seed))
+        base = RefineConfig()
+        refine = replace(base, seed=a.seed, scenes=getattr(a, "refine_scenes", None) or base.scenes,
+                         transformer=replace(base.transformer, seed=a.seed,
+                                             steps=getattr(a, "refine_steps", None) or base.transformer.steps))
     return replace(r, vq=vq, transformer=tf, vqgan=vqgan, refine=refine)
 
 

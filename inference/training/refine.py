@@ -121,6 +121,19 @@ def decode(vqgan: VQGANDecoder, codes: np.ndarray, device: torch.device, batch: 
     return np.concatenate(out)
 
 
+def _seeds(seed: int, start: int, n: int) -> list[int]:
+    """Generation seeds ``start`` .. ``start + n - 1`` of run ``seed`` (kept below 2**63 for any seed)."""
+    return [(seed * 1_000_003 + start + k) % 2**63 for k in range(n)]
+
+
+def _cached_npz(path: Path, compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The arrays saved in ``path``, or ``compute()``'s, saved there first (each stage resumes)."""
+    if not path.is_file():
+        np.savez(path, **compute())
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
 def draw_samples(bundle_dir: Path, n: int, seed: int, progress: bool = True, threads: int = 0
                  ) -> tuple[list[str], np.ndarray]:
     """``n`` training prompts and one code grid each from the bundle's transformer (onnxruntime)."""
@@ -135,7 +148,7 @@ def draw_samples(bundle_dir: Path, n: int, seed: int, progress: bool = True, thr
     for j, i in enumerate(progress_bar(batches, desc="samples", unit="batch", total=len(batches),
                                        disable=not progress)):
         chunk = prompts[i:i + batch]
-        out = pipe.generate_codes(chunk, n_images=1, seeds=[(seed * 1_000_003 + i + k) % 2**63 for k in range(len(chunk))],
+        out = pipe.generate_codes(chunk, n_images=1, seeds=_seeds(seed, i, len(chunk)),
                                   **SAMPLE_SETTINGS[j % len(SAMPLE_SETTINGS)])
         codes.extend(c[0] for c in out)
     return prompts, np.stack(codes)
@@ -258,13 +271,11 @@ def refine(out: Path, parts: ModelParts, base_bundle: Path, cfg: RefineConfig = 
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     vqgan = parts.vqgan.to(dev).eval()
-    samples = work / f"samples-{cfg.samples}-seed{cfg.seed}.npz"
-    if samples.is_file():
-        with np.load(samples) as z:
-            prompts, codes = [str(p) for p in z["prompts"]], z["codes"]
-    else:
+    def samples() -> dict[str, np.ndarray]:
         prompts, codes = draw_samples(base_bundle, cfg.samples, cfg.seed, progress)
-        np.savez(samples, prompts=np.array(prompts), codes=codes.astype(np.int16))
+        return {"prompts": np.array(prompts), "codes": codes.astype(np.int16)}
+
+    codes = _cached_npz(work / f"samples-{cfg.samples}-seed{cfg.seed}.npz", samples)["codes"].astype(np.int64)
     t_samples = time.perf_counter() - t0
     encoder = train_code_encoder(work, decode(vqgan, codes, dev), codes, vqgan, cfg, dev, progress)
     recon = recon_report(encoder, vqgan, dev, cfg.recon_scenes)
@@ -274,15 +285,12 @@ def refine(out: Path, parts: ModelParts, base_bundle: Path, cfg: RefineConfig = 
         vqgan = train_decoder(work, encoder, vqgan, cfg, dev, progress)
         recon_tuned = recon_report(encoder, vqgan, dev, cfg.recon_scenes)
         _log.info("fine-tuned VQGAN decoder: reconstructions %.1f%% fully correct", 100 * recon_tuned.fully_correct)
-    scene_codes = work / f"scene-codes-{cfg.scenes}-seed{cfg.seed}.npz"
-    if scene_codes.is_file():
-        with np.load(scene_codes) as z:
-            scene_prompts, codes = [str(p) for p in z["prompts"]], z["codes"].astype(np.int64)
-    else:
+    def scene_codes() -> dict[str, np.ndarray]:
         ds = build_dataset(cfg.scenes, vqgan.cfg.resolution, seed=cfg.seed + 7)
-        scene_prompts, codes = ds.prompts, encoder.codes(ds.images, dev)
-        del ds
-        np.savez(scene_codes, prompts=np.array(scene_prompts), codes=codes.astype(np.int16))
+        return {"prompts": np.array(ds.prompts), "codes": encoder.codes(ds.images, dev).astype(np.int16)}
+
+    z = _cached_npz(work / f"scene-codes-{cfg.scenes}-seed{cfg.seed}.npz", scene_codes)
+    scene_prompts, codes = [str(p) for p in z["prompts"]], z["codes"].astype(np.int64)
     from .pipeline import TOKENIZER_DIR
 
     tok = load_tokenizer(TOKENIZER_DIR, parts.config.text_length)
@@ -293,17 +301,15 @@ def refine(out: Path, parts: ModelParts, base_bundle: Path, cfg: RefineConfig = 
     final_dir = work / "transformer"
     best_of: dict[str, Any] | None = None
     if cfg.best_of_prompts:
-        kept_path = work / f"best-of-{cfg.best_of_prompts}x{cfg.best_of_k}-seed{cfg.seed}.npz"
-        if kept_path.is_file():
-            with np.load(kept_path) as z:
-                kept_prompts, kept_codes = [str(p) for p in z["prompts"]], z["codes"].astype(np.int64)
-                best_of = json.loads(str(z["stats"]))
-        else:
+        def kept() -> dict[str, np.ndarray]:
             round1 = work / "round1-bundle"
             _export_round(ModelParts(encoder_t, decoder_t, vqgan), round1, base_bundle, progress)
-            kept_prompts, kept_codes, best_of = best_of_samples(round1, vqgan, cfg, dev, progress)
-            np.savez(kept_path, prompts=np.array(kept_prompts), codes=kept_codes.astype(np.int16),
-                     stats=np.array(json.dumps(best_of)))
+            prompts, codes, stats = best_of_samples(round1, vqgan, cfg, dev, progress)
+            return {"prompts": np.array(prompts), "codes": codes.astype(np.int16), "stats": np.array(json.dumps(stats))}
+
+        z = _cached_npz(work / f"best-of-{cfg.best_of_prompts}x{cfg.best_of_k}-seed{cfg.seed}.npz", kept)
+        kept_prompts, kept_codes = [str(p) for p in z["prompts"]], z["codes"].astype(np.int64)
+        best_of = json.loads(str(z["stats"]))
         repeat = max(1, len(scene_prompts) // max(1, len(kept_prompts)))     # half the batches' rows each
         mixed = make_token_data(tok, scene_prompts + kept_prompts * repeat,
                                 np.concatenate([codes] + [kept_codes] * repeat))
@@ -326,13 +332,11 @@ def refine(out: Path, parts: ModelParts, base_bundle: Path, cfg: RefineConfig = 
 
 
 def _export_round(parts: ModelParts, out: Path, base_bundle: Path, progress: bool) -> None:
-    from ..bundle import SamplingDefaults
-    from ..export import export_bundle
-    from .pipeline import TOKENIZER_DIR
+    from ..bundle import Bundle
+    from .pipeline import export_parts
 
-    sampling = json.loads((base_bundle / "manifest.json").read_text(encoding="utf-8"))["sampling"]
-    export_bundle(parts.eval(), TOKENIZER_DIR, out, name="shapes-refine-round", sampling=SamplingDefaults(**sampling),
-                  license="Apache-2.0", overwrite=True, progress=progress)
+    export_parts(parts, out, name="shapes-refine-round", sampling=Bundle.open(base_bundle, verify=False).sampling,
+                 progress=progress)
 
 
 def best_of_samples(bundle_dir: Path, vqgan: VQGANDecoder, cfg: RefineConfig, device: torch.device,
@@ -351,9 +355,7 @@ def best_of_samples(bundle_dir: Path, vqgan: VQGANDecoder, cfg: RefineConfig, de
     batches = range(0, len(prompts), batch)
     for i in progress_bar(batches, desc="best-of", unit="batch", total=len(batches), disable=not progress):
         chunk = prompts[i:i + batch]
-        grids = pipe.generate_codes(chunk, n_images=cfg.best_of_k,
-                                    seeds=[(cfg.seed * 1_000_003 + 500_000_000 + i + j) % 2**63
-                                           for j in range(len(chunk))])
+        grids = pipe.generate_codes(chunk, n_images=cfg.best_of_k, seeds=_seeds(cfg.seed, 500_000_000 + i, len(chunk)))
         images = decode(vqgan, np.concatenate(grids), device)
         for j, (prompt, grid) in enumerate(zip(chunk, grids)):
             scene = parse(prompt)
@@ -373,6 +375,8 @@ def best_of_samples(bundle_dir: Path, vqgan: VQGANDecoder, cfg: RefineConfig, de
 
 
 def _base_provenance(bundle_dir: Path) -> dict[str, Any]:
-    manifest = json.loads((Path(bundle_dir) / "manifest.json").read_text(encoding="utf-8"))
+    from ..bundle import Bundle
+
+    manifest = Bundle.open(bundle_dir, verify=False).manifest
     return {"name": manifest.get("name"), "files": manifest.get("files"),
             "training": manifest.get("provenance", {}).get("training")}
