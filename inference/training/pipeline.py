@@ -347,7 +347,8 @@ def _recipe_from_args(a: argparse.Namespace) -> Recipe:
         base = RefineConfig()
         refine = replace(base, seed=a.seed, scenes=getattr(a, "refine_scenes", None) or base.scenes,
                          transformer=replace(base.transformer, seed=a.seed,
-                                             steps=getattr(a, "refine_steps", None) or base.transformer.steps))
+                                             steps=getattr(a, "refine_steps", None) or base.transformer.steps),
+                         best_of=replace(base.best_of, seed=a.seed))
     return replace(r, vq=vq, transformer=tf, vqgan=vqgan, refine=refine)
 
 

@@ -122,3 +122,15 @@ def test_a_fine_tuned_vqgan_decoder_ships_in_the_refined_bundle(tmp_path, base_b
     assert all(torch.equal(shipped.decoder.state_dict()[k], final[k]) for k in final)
     manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
     assert manifest["name"] == "shapes-v2" and manifest["provenance"]["refine"]["base"]["name"] == "tiny-shapes"
+
+
+def test_train_shapes_seed_reaches_every_refine_training():
+    import argparse
+
+    from inference.training.pipeline import _recipe_from_args
+
+    args = argparse.Namespace(seed=5, scenes=1000, vq_steps=None, vq_batch=None, vq_lr=None, steps=None,
+                              batch=None, lr=None, refine=True, refine_steps=None, refine_scenes=None)
+    refine_cfg = _recipe_from_args(args).refine
+    assert (refine_cfg.seed, refine_cfg.transformer.seed, refine_cfg.best_of.seed) == (5, 5, 5)
+    assert refine_cfg.transformer.steps == RefineConfig().transformer.steps
